@@ -1,0 +1,247 @@
+"""Messages between clients, frontends and the core.
+
+Each socket has one tagged union and one typed decoder (see `codec.py`). Structs are
+`array_like` (but `SamplingParams`, a map so that an unknown field is refused): a field is
+only ever appended, with a default.
+
+    client ──ClientMessage──▶ frontend ──CoreInput──▶ core
+    client ◀─FrontendMessage── frontend ◀─CoreMessage── core
+"""
+
+from typing import Any, Literal, Optional
+
+import msgspec
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Per-request sampling. `temperature=0` is greedy; `top_k` 0 or -1 and `top_p=1` turn those off."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: Optional[int] = None
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    logprobs: Optional[int] = None
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+SAMPLING_FIELDS = frozenset(SamplingParams.__struct_fields__)
+MAX_LOGPROBS = 20
+
+
+def validate_sampling(params: SamplingParams) -> None:
+    """Raise ValueError naming the first bad field. Prompt length is checked where it is known."""
+    checks = [
+        (params.max_tokens >= 1, f"max_tokens must be >= 1, got {params.max_tokens}"),
+        (params.temperature >= 0.0, f"temperature must be >= 0, got {params.temperature}"),
+        (0.0 < params.top_p <= 1.0, f"top_p must be in (0, 1], got {params.top_p}"),
+        (params.top_k >= -1, f"top_k must be -1, 0 (off) or positive, got {params.top_k}"),
+        (0.0 <= params.min_p <= 1.0, f"min_p must be in [0, 1], got {params.min_p}"),
+        (all(s for s in params.stop), "stop strings must be non-empty"),
+        (all(t >= 0 for t in params.stop_token_ids), "stop_token_ids must be >= 0"),
+        (
+            params.logprobs is None or 0 <= params.logprobs <= MAX_LOGPROBS,
+            f"logprobs must be in [0, {MAX_LOGPROBS}], got {params.logprobs}",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+class Logprobs(msgspec.Struct, array_like=True):
+    """Logprobs of consecutive tokens: the sampled token's, then the top-k ids and logprobs."""
+
+    token_logprobs: list[float]
+    top_token_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+    def extend(self, other: "Logprobs") -> None:
+        self.token_logprobs.extend(other.token_logprobs)
+        self.top_token_ids.extend(other.top_token_ids)
+        self.top_logprobs.extend(other.top_logprobs)
+
+
+class RequestOutput(msgspec.Struct, array_like=True):
+    """What a client receives: `text`, `token_ids` and `logprobs` are new since the previous output."""
+
+    request_id: str
+    text: str = ""
+    token_ids: list[int] = []
+    logprobs: Optional[Logprobs] = None
+    finish_reason: Optional[FinishReason] = None
+    error: Optional[str] = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    cached_tokens: int = 0
+    weight_version: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+# ---- client -> frontend -------------------------------------------------------------------
+
+
+class ChatMessage(msgspec.Struct, forbid_unknown_fields=False):
+    role: str
+    content: str
+
+
+class GenerateRequest(msgspec.Struct, tag="generate", array_like=True):
+    """Exactly one of `prompt`, `messages`, `token_ids`. `stream_id` is unique per client connection."""
+
+    stream_id: int
+    request_id: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[list[ChatMessage]] = None
+    token_ids: Optional[list[int]] = None
+    sampling: SamplingParams = SamplingParams()
+
+
+class CancelStream(msgspec.Struct, tag="cancel", array_like=True):
+    stream_id: int
+
+
+class ClientCall(msgspec.Struct, tag="call", array_like=True):
+    """A utility call from a client; `args` is the msgpack encoding of the method's argument struct."""
+
+    call_id: int
+    method: str
+    args: bytes = b""
+
+
+ClientMessage = GenerateRequest | CancelStream | ClientCall
+
+
+# ---- frontend -> client -------------------------------------------------------------------
+
+
+class StreamOutput(msgspec.Struct, array_like=True):
+    stream_id: int
+    output: RequestOutput
+
+
+class StreamOutputs(msgspec.Struct, tag="outputs", array_like=True):
+    items: list[StreamOutput]
+
+
+class StreamError(msgspec.Struct, tag="stream_error", array_like=True):
+    """The stream ends with an error before or instead of its outputs; `kind` names the error type."""
+
+    stream_id: int
+    kind: str
+    message: str
+
+
+class CallResult(msgspec.Struct, tag="call_result", array_like=True):
+    call_id: int
+    value: Any = None
+    error_kind: Optional[str] = None
+    error: Optional[str] = None
+
+
+FrontendMessage = StreamOutputs | StreamError | CallResult
+
+
+# ---- frontend -> core ---------------------------------------------------------------------
+
+
+class FrontendHello(msgspec.Struct, tag="hello", array_like=True):
+    """A frontend's first message; the core answers with `EngineReady` on that frontend's channel."""
+
+    client_index: int
+
+
+class AddRequest(msgspec.Struct, tag="add", array_like=True):
+    """`request_id` is the frontend's unique id; `user_request_id` the one the user gave."""
+
+    request_id: str
+    user_request_id: str
+    client_index: int
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    eos_token_ids: list[int] = []
+
+
+class AbortRequests(msgspec.Struct, tag="abort", array_like=True):
+    client_index: int
+    request_ids: list[str]
+
+
+class UtilityCall(msgspec.Struct, tag="utility", array_like=True):
+    """`(call_id, method, args)` from frontend `client_index`; answered by a `UtilityResult`."""
+
+    client_index: int
+    call_id: int
+    method: str
+    args: bytes = b""
+
+
+CoreInput = FrontendHello | AddRequest | AbortRequests | UtilityCall
+
+
+# ---- core -> frontend ---------------------------------------------------------------------
+
+
+class EngineReady(msgspec.Struct, tag="ready", array_like=True):
+    max_model_len: int
+    num_kv_blocks: int
+    block_size: int
+    weight_version: int = 0
+
+
+class CoreOutput(msgspec.Struct, array_like=True):
+    request_id: str
+    new_token_ids: list[int] = []
+    new_logprobs: Optional[Logprobs] = None
+    finish_reason: Optional[FinishReason] = None
+    error: Optional[str] = None
+    num_prompt_tokens: int = 0
+    cached_tokens: int = 0
+    weight_version: int = 0
+
+
+class CoreOutputs(msgspec.Struct, tag="outputs", array_like=True):
+    outputs: list[CoreOutput]
+
+
+class UtilityResult(msgspec.Struct, tag="utility_result", array_like=True):
+    call_id: int
+    value: Any = None
+    error_kind: Optional[str] = None
+    error: Optional[str] = None
+
+
+CoreMessage = EngineReady | CoreOutputs | UtilityResult
+
+
+# ---- utility call arguments and results ---------------------------------------------------
+
+
+class NoArgs(msgspec.Struct):
+    pass
+
+
+class EngineState(msgspec.Struct):
+    """The answer of `get_state`; the same from every frontend."""
+
+    state: str
+    mode: Optional[str]
+    num_running: int
+    num_frozen: int
+    num_held: int
+    num_waiting: int
+    num_free_blocks: int
+    num_total_blocks: int
+    weight_version: int = 0
