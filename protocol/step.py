@@ -35,10 +35,10 @@ class ScheduledRequest(msgspec.Struct, array_like=True):
 
 
 class StepPlan(msgspec.Struct, tag="step", array_like=True):
-    """`new_requests` are registered first; then each of `scheduled` runs `num_scheduled_tokens`
-    tokens from its `num_computed_tokens`. A request samples a token when the step reaches the
-    end of its known tokens. `finished_ids` are dropped before the step (finished, aborted,
-    preempted)."""
+    """Applied in this order: `finished_ids` are dropped (finished, aborted, preempted); then
+    `new_requests` are registered; then each of `scheduled` runs `num_scheduled_tokens` tokens
+    from its `num_computed_tokens`. A request samples a token when the step reaches the end of
+    its known tokens. A request never appears in both `finished_ids` and `new_requests`."""
 
     step_id: int
     new_requests: list[NewRequest] = []

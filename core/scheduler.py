@@ -1,0 +1,242 @@
+"""Continuous batching over a paged KV pool.
+
+Each step: running requests first (in arrival order), each taking
+`min(num_uncomputed_tokens, budget)` tokens; then waiting requests, starting from their
+longest cached prefix, while the token budget, `max_num_seqs` and free blocks allow. A running
+request that cannot get a block preempts the newest running one, whose blocks are freed and
+which later starts over from its cached prefix (recompute).
+"""
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+from core.block_pool import BlockPool, hash_blocks
+from core.request import Request, Status
+from protocol.messages import CoreOutput, FinishReason
+from protocol.step import NewRequest, ScheduledRequest, StepPlan, StepResult
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ScheduledStep:
+    plan: StepPlan
+    requests: list[tuple[Request, int]] = field(default_factory=list)
+
+
+RoutedOutput = tuple[int, CoreOutput]
+"""An output and the index of the frontend that owns its request."""
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+
+
+class Scheduler:
+    def __init__(self, pool: BlockPool, limits: SchedulerLimits) -> None:
+        self.pool = pool
+        self.limits = limits
+        self.weight_version = 0
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+        self._finished_ids: list[str] = []
+        self._finished_outputs: list[RoutedOutput] = []
+        self._next_step_id = 0
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, request: Request) -> None:
+        request.block_hashes = self._hashes(request, 0, None)
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def schedule(self) -> Optional[ScheduledStep]:
+        """The next step, or None when nothing can run."""
+        budget = self.limits.max_num_batched_tokens
+        scheduled: list[tuple[Request, int]] = []
+        preemptions_before = self.num_preemptions
+        for request in list(self.running):
+            if budget == 0:
+                break
+            if request.status is not Status.RUNNING:
+                continue
+            num_tokens = min(request.num_uncomputed_tokens, budget)
+            if not self._grow(request, num_tokens):
+                continue
+            scheduled.append((request, num_tokens))
+            budget -= num_tokens
+        # After a preemption nothing new starts this step: the freed blocks go to those running.
+        preempted = self.num_preemptions > preemptions_before
+        while not preempted and budget > 0 and self.waiting and len(self.running) < self.limits.max_num_seqs:
+            num_tokens = self._admit(self.waiting[0], budget)
+            if num_tokens == 0:
+                break
+            scheduled.append((self.waiting.popleft(), num_tokens))
+            budget -= num_tokens
+        if not scheduled:
+            return None
+        return ScheduledStep(self._plan(scheduled), scheduled)
+
+    def _grow(self, request: Request, num_tokens: int) -> bool:
+        """Give a running request the blocks for `num_tokens` more, preempting the newest
+        running requests as needed. False when `request` itself had to be preempted."""
+        need = self.pool.blocks_for(request.num_computed_tokens + num_tokens) - len(request.block_ids)
+        while need > self.pool.num_free:
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is request:
+                return False
+        request.block_ids += self.pool.allocate(need)
+        return True
+
+    def _admit(self, request: Request, budget: int) -> int:
+        """Start a waiting request from its longest cached prefix; 0 when blocks are short."""
+        # The last prompt token always runs: its logits give the first output token.
+        max_hit_blocks = (request.num_tokens - 1) // self.pool.block_size
+        hit = self.pool.lookup(request.block_hashes[:max_hit_blocks])
+        self.pool.take(hit.blocks)
+        num_tokens = min(request.num_tokens - hit.num_tokens, budget)
+        need = self.pool.blocks_for(hit.num_tokens + num_tokens) - len(hit.blocks)
+        if need > self.pool.num_free:
+            self.pool.free(hit.blocks)
+            return 0
+        request.block_ids = hit.blocks + self.pool.allocate(need)
+        request.num_computed_tokens = hit.num_tokens
+        request.num_blocks_cached = len(hit.blocks)
+        if request.num_output_tokens == 0:
+            request.num_cached_tokens = hit.num_tokens
+        request.status = Status.RUNNING
+        self.running.append(request)
+        return num_tokens
+
+    def _preempt(self, request: Request) -> None:
+        logger.info("preempting %s: KV blocks ran out (it will be recomputed)", request.request_id)
+        self.running.remove(request)
+        self.pool.free(request.block_ids)
+        if request.known_to_workers:
+            self._finished_ids.append(request.request_id)
+        request.forget_workers()
+        request.status = Status.WAITING
+        self.waiting.appendleft(request)
+        self.num_preemptions += 1
+
+    def _plan(self, scheduled: list[tuple[Request, int]]) -> StepPlan:
+        new_requests, deltas = [], []
+        for request, num_tokens in scheduled:
+            if not request.known_to_workers:
+                new_requests.append(
+                    NewRequest(
+                        request.request_id,
+                        list(request.all_token_ids),
+                        list(request.block_ids),
+                        request.num_computed_tokens,
+                        request.sampling,
+                    )
+                )
+                request.known_to_workers = True
+                deltas.append(ScheduledRequest(request.request_id, num_tokens))
+            else:
+                new_blocks = request.block_ids[request.num_blocks_sent :]
+                deltas.append(ScheduledRequest(request.request_id, num_tokens, request.unsent_token_ids, new_blocks))
+            request.unsent_token_ids = []
+            request.num_blocks_sent = len(request.block_ids)
+        plan = StepPlan(self._next_step_id, new_requests, deltas, self._finished_ids)
+        self._next_step_id += 1
+        self._finished_ids = []
+        return plan
+
+    def update(self, step: ScheduledStep, result: StepResult) -> list[RoutedOutput]:
+        """Apply a step's sampled tokens. Requests finished meanwhile (aborted during the step)
+        are skipped: an abort received during a step wins over that step's output."""
+        sampled = dict(zip(result.sampled_request_ids, result.sampled_token_ids))
+        touched = []
+        for request, num_tokens in step.requests:
+            if request.status is not Status.RUNNING:
+                continue
+            request.num_computed_tokens += num_tokens
+            self._cache_computed_blocks(request)
+            token = sampled.get(request.request_id)
+            if token is None:
+                continue
+            request.append_token(token, result.logprobs.get(request.request_id))
+            request.block_hashes += self._hashes(request, len(request.block_hashes), request.block_hashes)
+            reason = request.stop_reason(self.limits.max_model_len)
+            if reason is not None:
+                self._finish(request, reason)
+            else:
+                touched.append(request)
+        return self.take_finished_outputs() + [self._output(r) for r in touched]
+
+    def fail_step(self, step: ScheduledStep, error: str) -> list[RoutedOutput]:
+        """A step the workers could not run: its requests end with an error."""
+        for request, _ in step.requests:
+            if request.status is Status.RUNNING:
+                self._finish(request, "error", error)
+        return self.take_finished_outputs()
+
+    def abort(self, request_ids: Iterable[str]) -> list[str]:
+        """Finish the given requests with "abort"; returns the ids that were live."""
+        aborted = []
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is not None:
+                self._finish(request, "abort")
+                aborted.append(request_id)
+        return aborted
+
+    def reject(self, request: Request, error: str) -> None:
+        self.requests[request.request_id] = request
+        self._finish(request, "error", error)
+
+    def take_finished_outputs(self) -> list[RoutedOutput]:
+        outputs, self._finished_outputs = self._finished_outputs, []
+        return outputs
+
+    def _finish(self, request: Request, reason: FinishReason, error: Optional[str] = None) -> None:
+        if request.status is Status.RUNNING:
+            self.running.remove(request)
+        elif request.status is Status.WAITING and request in self.waiting:
+            self.waiting.remove(request)
+        self.pool.free(request.block_ids)
+        request.block_ids = []
+        if request.known_to_workers:
+            self._finished_ids.append(request.request_id)
+        request.status = Status.FINISHED
+        request.finish_reason = reason
+        request.error = error
+        del self.requests[request.request_id]
+        self._finished_outputs.append(self._output(request))
+
+    def _cache_computed_blocks(self, request: Request) -> None:
+        num_full = request.num_computed_tokens // self.pool.block_size
+        start = request.num_blocks_cached
+        if num_full > start:
+            self.pool.cache(request.block_ids[start:num_full], request.block_hashes[start:num_full])
+            request.num_blocks_cached = num_full
+
+    def _hashes(self, request: Request, start_block: int, known: Optional[list[int]]) -> list[int]:
+        parent = known[-1] if known else None
+        return hash_blocks(request.all_token_ids, self.pool.block_size, start_block, parent, self.weight_version)
+
+    def _output(self, request: Request) -> RoutedOutput:
+        output = CoreOutput(
+            request.request_id,
+            request.new_token_ids,
+            request.new_logprobs,
+            request.finish_reason,
+            request.error,
+            request.num_prompt_tokens,
+            request.num_cached_tokens,
+            self.weight_version,
+        )
+        request.new_token_ids, request.new_logprobs = [], None
+        return request.client_index, output

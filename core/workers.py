@@ -1,0 +1,117 @@
+"""Talking to the worker ranks: every rank gets every plan; rank 0 answers with the result.
+
+A thread owns the socket; the loop hands plans over and waits on a queue with a deadline,
+checking that every worker process is alive.
+"""
+
+import logging
+import queue
+import threading
+import time
+from typing import Sequence
+
+import msgspec
+import zmq
+
+from protocol.codec import Decoder, Encoder
+from protocol.process import make_socket, pid_alive
+from protocol.step import CoreToWorker, Shutdown, StepPlan, StepResult, WorkerReady, WorkerToCore
+
+logger = logging.getLogger(__name__)
+
+POLL_MS = 100
+
+
+class WorkerDiedError(RuntimeError):
+    pass
+
+
+class WorkerGroup:
+    def __init__(self, context: zmq.Context, address: str, num_workers: int, worker_pids: Sequence[int]) -> None:
+        self._socket = make_socket(context, zmq.ROUTER, address, bind=True)
+        self._num_workers = num_workers
+        self._pids = list(worker_pids)
+        self._encoder = Encoder()
+        self._decoder = Decoder(WorkerToCore)
+        self._plans: "queue.Queue[CoreToWorker]" = queue.Queue()
+        self._results: "queue.Queue[StepResult | WorkerReady]" = queue.Queue()
+        self._thread = threading.Thread(target=self._serve, name="core-workers", daemon=True)
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wait_ready(self, timeout_s: float) -> list[WorkerReady]:
+        """Every rank's ready message (rank order); raises if one failed, died or timed out."""
+        readies = [self._get(time.monotonic() + timeout_s, WorkerReady) for _ in range(self._num_workers)]
+        readies.sort(key=lambda r: r.rank)
+        failed = [r for r in readies if r.error]
+        if failed:
+            raise RuntimeError(failed[0].error)
+        return readies
+
+    def execute(self, plan: StepPlan, timeout_s: float = 600.0) -> StepResult:
+        self._plans.put(plan)
+        result = self._get(time.monotonic() + timeout_s, StepResult)
+        if result.step_id != plan.step_id:
+            raise RuntimeError(f"worker answered step {result.step_id}, expected {plan.step_id}")
+        return result
+
+    def shutdown(self) -> None:
+        self._plans.put(Shutdown())
+        self._stopped.set()
+        self._thread.join(timeout=2.0)
+
+    def _get(self, deadline: float, kind: type) -> "StepResult | WorkerReady":
+        while True:
+            try:
+                item = self._results.get(timeout=0.5)
+            except queue.Empty:
+                dead = [pid for pid in self._pids if not pid_alive(pid)]
+                if dead:
+                    raise WorkerDiedError(f"worker process {dead[0]} died")
+                if time.monotonic() > deadline:
+                    raise WorkerDiedError(f"no {kind.__name__} from the workers in time")
+                continue
+            if isinstance(item, kind):
+                return item
+            logger.error("unexpected %s from a worker", type(item).__name__)
+
+    def _serve(self) -> None:
+        """Strictly one plan in flight: readies first, then plan → result, plan → result."""
+        try:
+            for _ in range(self._num_workers):
+                self._receive_one()
+            while not self._stopped.is_set():
+                try:
+                    message = self._plans.get(timeout=POLL_MS / 1000)
+                except queue.Empty:
+                    continue
+                self._broadcast(message)
+                if isinstance(message, Shutdown):
+                    return
+                self._receive_one()
+        finally:
+            self._socket.close()
+
+    def _broadcast(self, message: CoreToWorker) -> None:
+        frames = self._encoder.encode(message)
+        for rank in range(self._num_workers):
+            try:
+                self._socket.send_multipart([f"rank{rank}".encode(), *frames], copy=False)
+            except zmq.ZMQError as error:
+                logger.error("cannot reach worker rank %d: %s", rank, error)
+
+    def _receive_one(self) -> None:
+        while not self._stopped.is_set():
+            if self._socket.poll(POLL_MS) and self._receive():
+                return
+
+    def _receive(self) -> bool:
+        _, *frames = self._socket.recv_multipart(copy=False)
+        try:
+            self._results.put(self._decoder.decode([f.buffer for f in frames]))
+            return True
+        except (msgspec.DecodeError, msgspec.ValidationError, IndexError) as error:
+            logger.error("dropped a malformed frame from a worker: %s", error)
+            return False

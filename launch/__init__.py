@@ -1,0 +1,1 @@
+"""`zeroserve serve`: start core, workers and frontends, watch them, stop them all."""

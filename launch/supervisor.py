@@ -1,0 +1,172 @@
+"""Start the model conversion, workers, core and frontends; watch them; stop them all.
+
+Children run as `python -m worker|core|frontend` (launch imports none of them) in sessions of
+their own, so that a terminal's Ctrl-C reaches launch alone and launch stops them in order.
+Each child also watches launch: if launch is SIGKILLed, they exit by themselves.
+"""
+
+import argparse
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import msgspec
+import zmq
+
+from launch.cli import config_from_args
+from protocol.codec import Decoder
+from protocol.config import EngineConfig, ProcessReady, encode_config
+from protocol.process import make_socket
+
+logger = logging.getLogger("zeroserve")
+
+STOP_GRACE_S = 5.0
+WATCH_INTERVAL_S = 0.2
+
+
+@dataclass
+class Child:
+    role: str
+    process: subprocess.Popen
+
+
+def serve(args: argparse.Namespace) -> int:
+    """The whole life of `zeroserve serve`; returns the exit status."""
+    started = time.monotonic()
+    run_dir = tempfile.mkdtemp(prefix="zeroserve-")
+    try:
+        config_from_args(args, args.model or "", run_dir)  # bad options fail before any loading
+        folder = resolve_model(args.model)
+        if folder is None:
+            return 2
+        config = config_from_args(args, folder, run_dir)
+        return Supervisor(config, started).run()
+    except ValueError as error:
+        logger.error("%s", error)
+        return 2
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def resolve_model(model: str | None) -> str | None:
+    """The HF folder to serve (a GGUF file is converted once and cached), or None on failure."""
+    command = [sys.executable, "-m", "worker.model_loader"] + (["--model", model] if model else [])
+    result = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+    if result.returncode != 0:
+        return None
+    return result.stdout.strip().splitlines()[-1]
+
+
+class Supervisor:
+    def __init__(self, config: EngineConfig, started: float) -> None:
+        self.config = config
+        self.started = started
+        self.children: list[Child] = []
+        self.stop_signal: int | None = None
+
+    def run(self) -> int:
+        context = zmq.Context()
+        reports = make_socket(context, zmq.PULL, self.config.launch_address, bind=True)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        try:
+            self._start_children()
+            status = self._wait_ready(reports)
+            if status is None:
+                status = self._watch()
+            return status
+        finally:
+            self._stop_children()
+            reports.close()
+            context.term()
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.stop_signal = signum
+
+    def _start_children(self) -> None:
+        config_json = encode_config(self.config)
+        workers = [
+            self._spawn(f"worker-{rank}", ["worker", "--config", config_json, "--rank", str(rank)])
+            for rank in range(self.config.workers)
+        ]
+        pids = ",".join(str(w.process.pid) for w in workers)
+        core = self._spawn("core", ["core", "--config", config_json, "--worker-pids", pids])
+        for index in range(self.config.frontends):
+            self._spawn(
+                f"frontend-{index}",
+                ["frontend", "--config", config_json, "--index", str(index), "--watch-pids", str(core.process.pid)],
+            )
+
+    def _spawn(self, role: str, module_args: list[str]) -> Child:
+        process = subprocess.Popen([sys.executable, "-m", *module_args], start_new_session=True)
+        child = Child(role, process)
+        self.children.append(child)
+        return child
+
+    def _wait_ready(self, reports: zmq.Socket) -> int | None:
+        """None once the core and every frontend reported ready; else the exit status."""
+        decoder = Decoder(ProcessReady)
+        expected = {"core"} | {f"frontend-{i}" for i in range(self.config.frontends)}
+        while expected:
+            status = self._check_children()
+            if status is not None:
+                return status
+            if not reports.poll(int(WATCH_INTERVAL_S * 1000)):
+                continue
+            try:
+                report = decoder.decode(reports.recv_multipart())
+            except (msgspec.DecodeError, msgspec.ValidationError) as error:
+                logger.error("bad report from a child: %s", error)
+                continue
+            if report.error:
+                logger.error("%s failed to start: %s", report.role, report.error)
+                return 2
+            expected.discard(report.role)
+            self._announce(report)
+        logger.info("ready in %.1f s", time.monotonic() - self.started)
+        return None
+
+    def _announce(self, report: ProcessReady) -> None:
+        if report.role.startswith("frontend-"):
+            sys.stdout.write(f"{report.role}: {report.detail}\n")
+            sys.stdout.flush()
+        else:
+            logger.info("%s ready: %s", report.role, report.detail)
+
+    def _watch(self) -> int:
+        while True:
+            status = self._check_children()
+            if status is not None:
+                return status
+            time.sleep(WATCH_INTERVAL_S)
+
+    def _check_children(self) -> int | None:
+        """0 after Ctrl-C / SIGTERM, 1 when a child died, None while all run."""
+        if self.stop_signal is not None:
+            logger.info("stopping (%s)", signal.Signals(self.stop_signal).name)
+            return 0
+        for child in self.children:
+            code = child.process.poll()
+            if code is not None:
+                logger.error("%s exited with status %s: stopping everything", child.role, code)
+                return 1
+        return None
+
+    def _stop_children(self) -> None:
+        """SIGTERM in reverse start order (frontends first), then SIGKILL what is left."""
+        for child in reversed(self.children):
+            if child.process.poll() is None:
+                child.process.terminate()
+        deadline = time.monotonic() + STOP_GRACE_S
+        for child in self.children:
+            try:
+                child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.warning("%s did not stop in %.0f s: killing it", child.role, STOP_GRACE_S)
+                child.process.kill()
+                child.process.wait()
