@@ -38,6 +38,7 @@ def get_state(engine: "EngineLoop", args: NoArgs) -> EngineState:
         num_free_blocks=scheduler.pool.num_free,
         num_total_blocks=scheduler.pool.num_blocks,
         weight_version=scheduler.weight_version,
+        num_preemptions=scheduler.num_preemptions,
     )
 
 

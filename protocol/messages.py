@@ -245,3 +245,4 @@ class EngineState(msgspec.Struct):
     num_free_blocks: int
     num_total_blocks: int
     weight_version: int = 0
+    num_preemptions: int = 0

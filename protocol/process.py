@@ -125,4 +125,5 @@ def report_to_launch(context: zmq.Context, launch_address: str, frames: list) ->
     except zmq.Again:
         logger.error("launch at %s did not take the ready report", launch_address)
     finally:
-        sock.close()
+        # A queued report is dropped by close() with linger 0: give it time to leave.
+        sock.close(linger=5000)

@@ -1,0 +1,1 @@
+"""The frontend (API server) process: tokenizer, detokenizer, the client server and the core link."""

@@ -1,0 +1,158 @@
+"""Paged attention for transformers' attention interface.
+
+The model runs one packed batch `[1, T]` mixing prefill chunks and decodes. Each step's
+`AttentionMetadata` reaches `paged_attention` as the `attn_meta` kwarg of `model(...)`,
+together with `module.layer_idx`. Per layer:
+
+    1. write this step's K/V at `slot_mapping` (slot = block_id * block_size + offset);
+    2. decodes (1 query token): one batched SDPA over K/V gathered by slot, padded to the
+       longest context, padding masked out;
+    3. each prefill chunk: its own SDPA; the chunk's earlier cached tokens are all visible,
+       its own tokens causally.
+
+The gather indices and masks are built once per step (`build_metadata`) and shared by all layers.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import transformers
+
+from worker.kv_cache import KVCache
+
+# Our own name: a name transformers knows ("sdpa") would make it build a [T, T] mask each step.
+ATTENTION_NAME = "zeroserve_paged"
+
+
+@dataclass
+class PrefillChunk:
+    """Query tokens `[start, end)` of the packed batch; keys are context slots `slots`."""
+
+    start: int
+    end: int
+    slots: torch.Tensor  # [ctx] slots of the whole context (cached + this chunk)
+    mask: torch.Tensor | None  # [q, ctx] bool, None when nothing was cached (plain causal)
+
+
+@dataclass
+class AttentionMetadata:
+    kv_cache: KVCache
+    slot_mapping: torch.Tensor  # [T] where each token's K/V is written
+    decode_tokens: torch.Tensor  # [Nd] positions of decode tokens in the packed batch
+    decode_slots: torch.Tensor  # [Nd, L] context slots, padded
+    decode_mask: torch.Tensor  # [Nd, 1, 1, L] bool, False on padding
+    prefills: list[PrefillChunk]
+
+
+def context_slots(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int):
+    """Slots of each sequence's context, `[N, L]` padded with slot 0, and the `[N, L]` validity mask."""
+    length = int(context_lens.max()) if len(context_lens) else 0
+    pos = torch.arange(length, device=block_tables.device)
+    blocks = block_tables[:, pos // block_size]
+    slots = blocks * block_size + pos % block_size
+    valid = pos[None, :] < context_lens[:, None]
+    return torch.where(valid, slots, 0), valid
+
+
+def build_metadata(
+    kv_cache: KVCache,
+    slot_mapping: torch.Tensor,
+    query_starts: list[int],
+    query_lens: list[int],
+    context_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+) -> AttentionMetadata:
+    """Split the step's sequences into decodes and prefill chunks and precompute their indices."""
+    block_size = kv_cache.block_size
+    is_decode = [q == 1 for q in query_lens]
+    decode_rows = torch.tensor([i for i, d in enumerate(is_decode) if d], dtype=torch.long)
+    decode_rows = decode_rows.to(block_tables.device)
+    decode_slots, valid = context_slots(block_tables[decode_rows], context_lens[decode_rows], block_size)
+    decode_tokens = torch.tensor([s for s, d in zip(query_starts, is_decode) if d], dtype=torch.long)
+    prefills = [
+        _prefill_chunk(query_starts[i], query_lens[i], int(context_lens[i]), block_tables[i], block_size)
+        for i, d in enumerate(is_decode)
+        if not d
+    ]
+    return AttentionMetadata(
+        kv_cache=kv_cache,
+        slot_mapping=slot_mapping,
+        decode_tokens=decode_tokens.to(block_tables.device),
+        decode_slots=decode_slots,
+        decode_mask=valid[:, None, None, :],
+        prefills=prefills,
+    )
+
+
+def _prefill_chunk(start: int, q_len: int, ctx_len: int, block_table: torch.Tensor, block_size: int):
+    device = block_table.device
+    slots, _ = context_slots(block_table[None], torch.tensor([ctx_len], device=device), block_size)
+    cached = ctx_len - q_len
+    mask = None
+    if cached:
+        # Query i sits at position cached + i and sees keys 0..cached + i.
+        q_pos = torch.arange(q_len, device=device)[:, None] + cached
+        mask = torch.arange(ctx_len, device=device)[None, :] <= q_pos
+    return PrefillChunk(start=start, end=start + q_len, slots=slots[0], mask=mask)
+
+
+def paged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    attn_meta: AttentionMetadata | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """`query` `[1, H, T, D]`, `key`/`value` `[1, Hkv, T, D]` -> `[1, T, H, D]` (transformers' layout)."""
+    if attn_meta is None:
+        raise ValueError(f"{ATTENTION_NAME} attention needs attn_meta=AttentionMetadata(...)")
+    k_cache, v_cache = attn_meta.kv_cache.layer(module.layer_idx)
+    # [1, Hkv, T, D] -> [T, Hkv, D], the cache's row layout
+    k_new, v_new = key[0].transpose(0, 1), value[0].transpose(0, 1)
+    k_cache.index_copy_(0, attn_meta.slot_mapping, k_new)
+    v_cache.index_copy_(0, attn_meta.slot_mapping, v_new)
+
+    q = query[0].transpose(0, 1)  # [T, H, D]
+    out = torch.empty_like(q)
+    if len(attn_meta.decode_tokens):
+        _decode(q, out, k_cache, v_cache, attn_meta, scaling)
+    for chunk in attn_meta.prefills:
+        _prefill(q, out, (k_new, v_new), (k_cache, v_cache), chunk, scaling)
+    return out[None], None
+
+
+def _decode(q, out, k_cache, v_cache, meta: AttentionMetadata, scaling) -> None:
+    qd = q[meta.decode_tokens][:, :, None, :]  # [Nd, H, 1, D]
+    kd, vd = (_gather(cache, meta.decode_slots).transpose(1, 2) for cache in (k_cache, v_cache))  # [Nd, Hkv, L, D]
+    o = F.scaled_dot_product_attention(
+        qd, kd, vd, attn_mask=meta.decode_mask, scale=scaling, enable_gqa=True
+    )
+    out.index_copy_(0, meta.decode_tokens, o[:, :, 0, :])
+
+
+def _prefill(q, out, new_kv, cache_kv, chunk: PrefillChunk, scaling) -> None:
+    qc = q[chunk.start : chunk.end].transpose(0, 1)[None]  # [1, H, q, D]
+    if chunk.mask is None:
+        # Nothing cached: the chunk's own K/V, plain causal attention, no gather.
+        k, v = (t[chunk.start : chunk.end] for t in new_kv)
+    else:
+        k, v = (_gather(t, chunk.slots) for t in cache_kv)
+    k, v = k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # [1, Hkv, ctx, D]
+    o = F.scaled_dot_product_attention(
+        qc, k, v, attn_mask=chunk.mask, is_causal=chunk.mask is None, scale=scaling, enable_gqa=True
+    )
+    out[chunk.start : chunk.end] = o[0].transpose(0, 1)
+
+
+def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Rows of `cache` at `slots` (any shape), as `[*slots.shape, Hkv, D]`; index_select is the fastest copy."""
+    return cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])
+
+
+def register_attention() -> None:
+    """Make `attn_implementation=ATTENTION_NAME` available to every transformers model."""
+    transformers.AttentionInterface.register(ATTENTION_NAME, paged_attention)

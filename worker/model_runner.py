@@ -1,0 +1,68 @@
+"""Runs one `StepPlan`: update the rows, build the packed batch, forward, sample, answer.
+
+    plan -> BatchState.apply -> BatchState.build -> model(..., attn_meta=meta) -> sample -> StepResult
+
+Only the driver rank (rank 0) samples and builds a result; every rank runs the forward.
+"""
+
+import logging
+
+import torch
+
+from protocol.step import StepPlan, StepResult
+from worker.attention import build_metadata
+from worker.batch import BatchState, StepInputs
+from worker.kv_cache import KVCache
+from worker.sampler import SampleRow, compute_logprobs, sample
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, device: torch.device, is_driver: bool = True) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.is_driver = is_driver
+        self.batch = BatchState(kv_cache.block_size, device)
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        self.batch.apply(plan)
+        if not plan.scheduled:
+            return StepResult(step_id=plan.step_id)
+        inputs = self.batch.build(plan.scheduled)
+        logits = self._forward(inputs)
+        self.batch.advance(plan.scheduled)
+        if not self.is_driver or not inputs.sample_ids:
+            return StepResult(step_id=plan.step_id)
+        return self._sample(plan.step_id, inputs, logits)
+
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        """Logits `[S, V]` of the sampling positions only."""
+        meta = build_metadata(
+            self.kv_cache,
+            inputs.slot_mapping,
+            inputs.query_starts,
+            inputs.query_lens,
+            inputs.context_lens,
+            inputs.block_tables,
+        )
+        output = self.model(
+            input_ids=inputs.input_ids[None],
+            position_ids=inputs.positions[None],
+            attn_meta=meta,
+            use_cache=False,
+            logits_to_keep=inputs.sample_indices,
+        )
+        return output.logits[0]
+
+    def _sample(self, step_id: int, inputs: StepInputs, logits: torch.Tensor) -> StepResult:
+        states = inputs.sample_states
+        token_ids = sample(logits, [SampleRow(st.sampling, st.generator) for st in states])
+        logprobs = compute_logprobs(logits, token_ids, [st.sampling.logprobs for st in states])
+        return StepResult(
+            step_id=step_id,
+            sampled_request_ids=inputs.sample_ids,
+            sampled_token_ids=token_ids.tolist(),
+            logprobs={inputs.sample_ids[row]: lp for row, lp in logprobs.items()},
+        )

@@ -1,0 +1,77 @@
+"""Vectorised sampling over the rows of one step.
+
+Fast path: every row greedy -> argmax. Otherwise one pipeline for all rows: temperature, top-k,
+top-p, min-p, then an exponential race (`argmax(probs / E)`, `E ~ Exp(1)`), which samples from
+`probs`. A seeded row draws its noise from its own `torch.Generator`, so a seed and a prompt give
+the same tokens whatever else shares the batch. Greedy rows in a mixed batch take the argmax.
+
+Logprobs are those of the model's raw distribution (`log_softmax` of the logits, before
+temperature and filtering), as vLLM reports by default.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from protocol.messages import Logprobs, SamplingParams
+
+
+@dataclass
+class SampleRow:
+    params: SamplingParams
+    generator: torch.Generator | None
+
+
+def sample(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """`logits` `[S, V]` -> token ids `[S]`."""
+    greedy = logits.argmax(dim=-1)
+    if all(row.params.is_greedy for row in rows):
+        return greedy
+    probs = _filtered_probs(logits.float(), [row.params for row in rows])
+    noise = torch.empty_like(probs)
+    for i, row in enumerate(rows):
+        noise[i].exponential_(generator=row.generator)
+    sampled = (probs / noise).argmax(dim=-1)
+    is_greedy = torch.tensor([row.params.is_greedy for row in rows], device=logits.device)
+    return torch.where(is_greedy, greedy, sampled)
+
+
+def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Probabilities after temperature, top-k, top-p and min-p (filtered tokens get 0)."""
+    device, vocab = logits.device, logits.shape[-1]
+    temperature = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=device)
+    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
+    top_p = torch.tensor([p.top_p for p in params], device=device)
+    min_p = torch.tensor([p.min_p for p in params], device=device)
+
+    sorted_logits, order = (logits / temperature[:, None]).sort(dim=-1, descending=True)
+    rank = torch.arange(vocab, device=device)[None, :]
+    sorted_logits = sorted_logits.masked_fill(rank >= top_k[:, None], float("-inf"))
+    sorted_probs = sorted_logits.softmax(dim=-1)
+    # Top-p keeps the smallest prefix whose mass reaches p: a token goes when the mass before it does.
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    drop = (mass_before >= top_p[:, None]) & (rank > 0)
+    drop |= sorted_probs < min_p[:, None] * sorted_probs[:, :1]
+    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+    return torch.zeros_like(sorted_probs).scatter_(-1, order, sorted_probs)
+
+
+def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: list[int | None]) -> dict[int, Logprobs]:
+    """Logprobs per row that asked (`num_top[i]` not None): the sampled token's and the top ones."""
+    wanted = [i for i, k in enumerate(num_top) if k is not None]
+    if not wanted:
+        return {}
+    rows = torch.tensor(wanted, device=logits.device)
+    logprobs = logits[rows].float().log_softmax(dim=-1)
+    chosen = logprobs.gather(-1, token_ids[rows][:, None])[:, 0].tolist()
+    max_k = max(num_top[i] for i in wanted)
+    top_values, top_ids = logprobs.topk(max_k, dim=-1) if max_k else (logprobs[:, :0], logprobs[:, :0].long())
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    return {
+        row: Logprobs(
+            token_logprobs=[chosen[j]],
+            top_token_ids=[top_ids[j][: num_top[row]]],
+            top_logprobs=[top_values[j][: num_top[row]]],
+        )
+        for j, row in enumerate(wanted)
+    }
