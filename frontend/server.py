@@ -1,9 +1,9 @@
 """The client-facing ROUTER: generate requests in, output deltas out, utility calls both ways.
 
 A request is checked (and tokenized) here; bad input gets `StreamError(kind="invalid")` and
-never reaches the core. A prompt longer than `max_model_len` is an error (as in vLLM);
-`max_tokens` is capped to the room left (`max_model_len - prompt tokens`), so a request that
-would overrun the context finishes with "length" where the context ends. Outputs go to each
+never reaches the core. A prompt longer than `max_model_len`, or a `max_tokens` above it, is an
+error; otherwise `max_tokens` is capped to the room left (`max_model_len - prompt tokens`), so a
+request that would overrun the context finishes with "length" where the context ends. Outputs go to each
 client in the order the core sent them: one `StreamOutputs` per client per `CoreOutputs`.
 """
 
@@ -140,6 +140,8 @@ class Server:
         except ValueError as error:
             raise InvalidRequestError(str(error)) from error
         max_len = self._limits.max_model_len
+        if sampling.max_tokens > max_len:
+            raise InvalidRequestError(f"max_tokens {sampling.max_tokens} is more than max_model_len {max_len}")
         if num_prompt >= max_len:
             raise InvalidRequestError(
                 f"prompt has {num_prompt} tokens, more than max_model_len {max_len} allows "

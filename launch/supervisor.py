@@ -74,6 +74,8 @@ class Supervisor:
         reports = make_socket(context, zmq.PULL, self.config.launch_address, bind=True)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
+        logger.info("starting %d worker(s), the core and %d frontend(s); sockets in %s",
+                    self.config.workers, self.config.frontends, self.config.run_dir)
         try:
             self._start_children()
             status = self._wait_ready(reports)

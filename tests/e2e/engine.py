@@ -6,9 +6,10 @@ import socket
 import subprocess
 import sys
 import threading
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from protocol.process import pid_alive
 
 START_TIMEOUT_S = 300
 
@@ -37,21 +38,26 @@ def _is_free(port: int) -> bool:
 class Engine:
     process: subprocess.Popen
     addresses: list[str]
-    marker: str
     log: list[str] = field(default_factory=list)
+    children: dict[str, int] = field(default_factory=dict)
 
     def descendants(self) -> list[int]:
-        """Pids of the engine's processes still alive (found by their title and environment)."""
-        return [pid for pid, _ in _zeroserve_processes() if self._ours(pid)]
-
-    def _ours(self, pid: int) -> bool:
-        return _environ_marker(pid) == self.marker
+        """Pids of the engine's processes (launch's children when it became ready) still alive."""
+        return [pid for pid in self.children.values() if pid_alive(pid)]
 
     def child_pid(self, role: str) -> int:
-        for pid, title in _zeroserve_processes():
-            if title.startswith(role) and self._ours(pid):
-                return pid
-        raise LookupError(f"no {role} process")
+        return self.children[role]
+
+    @property
+    def run_dir(self) -> str:
+        """The folder of the engine's ipc sockets, from launch's start-up log line."""
+        for line in self.log:
+            if "sockets in " in line:
+                return line.rsplit("sockets in ", 1)[1].strip()
+        raise LookupError("launch did not log its socket folder")
+
+    def wait_exit(self, timeout: float) -> int:
+        return self.process.wait(timeout=timeout)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -68,32 +74,22 @@ class Engine:
                 pass
 
 
-def _zeroserve_processes() -> list[tuple[int, str]]:
-    found = []
+def _children_by_title(parent: int) -> dict[str, int]:
+    """`{process title: pid}` of `parent`'s children (their titles say their roles)."""
+    found = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                title = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
             with open(f"/proc/{entry}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                title = f.read().split(b"\0")[0].decode(errors="replace")
+        except (OSError, ValueError, IndexError):
             continue
-        if title.startswith("zeroserve-") and state != "Z":
-            found.append((int(entry), title))
+        if ppid == parent:
+            found[title] = int(entry)
     return found
-
-
-def _environ_marker(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            for item in f.read().split(b"\0"):
-                if item.startswith(b"ZEROSERVE_TEST_OWNER="):
-                    return item.split(b"=", 1)[1].decode()
-    except OSError:
-        pass
-    return ""
 
 
 def start_engine(model: Path, *options: str, frontends: int = 1) -> Engine:
@@ -101,10 +97,8 @@ def start_engine(model: Path, *options: str, frontends: int = 1) -> Engine:
     port = free_port_range(frontends)
     command = [sys.executable, "-m", "launch.cli", "serve", "--model", str(model), "--port", str(port),
                "--frontends", str(frontends), *options]
-    marker = uuid.uuid4().hex
-    env = dict(os.environ, ZEROSERVE_TEST_OWNER=marker)
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    engine = Engine(process, [], marker)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    engine = Engine(process, [])
     ready = threading.Event()
 
     def read_output() -> None:
@@ -122,4 +116,5 @@ def start_engine(model: Path, *options: str, frontends: int = 1) -> Engine:
         engine.stop()
         raise RuntimeError("engine did not start:\n" + "".join(engine.log[-30:]))
     engine.addresses.sort(key=lambda a: int(a.rsplit(":", 1)[1]))
+    engine.children = _children_by_title(process.pid)
     return engine

@@ -23,6 +23,7 @@ PROMPTS = [
     "def fibonacci(n):\n    ",
     "List three colours: red,",
     "A" * 3 + " quick brown fox jumps over the lazy dog. " * 6,
+    SHARED_PREFIX * 4 + "Summarise the notes.",  # longer than a 64-token budget: several chunks
 ]
 NUM_TOKENS = 64
 BLOCK_BYTES = 2 * 2 * 8 * 2 * 16 * 4  # K and V, 2 layers, 8 tokens, 2 KV heads, head_dim 16, fp32
