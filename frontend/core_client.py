@@ -145,7 +145,8 @@ class CoreClient:
                     self.mark_dead("the core's output socket disconnected")
                     return
         finally:
-            self._output.disable_monitor()
+            if not self._output.closed:
+                self._output.disable_monitor()
             monitor.close(linger=0)
 
     def _check_alive(self) -> None:

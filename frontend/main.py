@@ -94,6 +94,7 @@ async def _until_signal(*loops: Coroutine[Any, Any, None]) -> None:
     finally:
         for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _report(context: zmq.asyncio.Context, config: EngineConfig, ready: ProcessReady) -> None:
