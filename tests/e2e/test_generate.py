@@ -6,7 +6,7 @@ import pytest
 
 from frontend.client import AsyncClient
 from tests.e2e.engine import start_engine
-from tests.e2e.reference import assert_matches_greedy, greedy_logprobs, greedy_tokens, load_reference
+from tests.reference import assert_matches_greedy, greedy_logprobs, greedy_tokens, load_reference
 
 pytestmark = pytest.mark.timeout(600)
 

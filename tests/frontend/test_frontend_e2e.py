@@ -123,7 +123,9 @@ async def test_invalid_requests(engine: Engine, tokenizer: Tokenizer) -> None:
 
 async def test_max_tokens_capped_to_context(engine: Engine) -> None:
     async with AsyncClient(engine.address) as client:
-        await _collect(client, token_ids=list(range(10, 70)), max_tokens=500)
+        await _collect(client, token_ids=list(range(10, 70)), max_tokens=MAX_MODEL_LEN)
+        with pytest.raises(InvalidRequestError, match="more than max_model_len"):
+            await _collect(client, token_ids=[5], max_tokens=MAX_MODEL_LEN + 1)
     assert engine.core.added()[-1].sampling.max_tokens == MAX_MODEL_LEN - 60
 
 

@@ -1,30 +1,23 @@
 """Fixtures for the worker tests: tiny random models saved as HF folders (no download, no GGUF)."""
 
-import os
-import sys
-
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-from worker_testutil import save_tiny_model  # noqa: E402
+from tests.worker.worker_testutil import tiny_model
 
 
 @pytest.fixture(scope="session")
 def llama_folder(tmp_path_factory) -> str:
-    return save_tiny_model("llama", str(tmp_path_factory.mktemp("llama")))
+    return tiny_model("llama", str(tmp_path_factory.mktemp("llama")))
 
 
 @pytest.fixture(scope="session")
 def qwen2_folder(tmp_path_factory) -> str:
-    return save_tiny_model("qwen2", str(tmp_path_factory.mktemp("qwen2")))
+    return tiny_model("qwen2", str(tmp_path_factory.mktemp("qwen2")))
 
 
 @pytest.fixture(scope="session")
 def qwen3_folder(tmp_path_factory) -> str:
-    return save_tiny_model("qwen3", str(tmp_path_factory.mktemp("qwen3")))
+    return tiny_model("qwen3", str(tmp_path_factory.mktemp("qwen3")))
 
 
 def pytest_configure(config) -> None:

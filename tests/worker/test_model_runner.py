@@ -5,7 +5,7 @@ import torch
 import transformers
 
 from protocol.messages import SamplingParams
-from worker_testutil import Req, ToyCore, make_runner, prompt, reference_generate
+from tests.worker.worker_testutil import Req, ToyCore, make_runner, prompt, reference_generate
 
 MAX_NEW = 6
 

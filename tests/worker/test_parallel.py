@@ -9,7 +9,7 @@ import pytest
 import transformers
 
 from worker.model_loader import ModelError, check_model_config
-from worker_testutil import Req, ToyCore, make_runner, prompt, save_tiny_model
+from tests.worker.worker_testutil import Req, ToyCore, make_runner, prompt, tiny_model
 
 CHILD = os.path.join(os.path.dirname(__file__), "tp_child.py")
 
@@ -33,7 +33,7 @@ def test_two_ranks_match_one_worker(llama_folder, tmp_path):
 
 
 def test_heads_not_divisible_are_refused(tmp_path):
-    folder = save_tiny_model("odd", str(tmp_path / "odd"))
+    folder = tiny_model("odd", str(tmp_path / "odd"))
     config = transformers.AutoConfig.from_pretrained(folder)
     with pytest.raises(ModelError, match="model has 9 attention heads and 3 KV heads: --workers 2 must divide both"):
         check_model_config(config, 2)

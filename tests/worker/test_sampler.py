@@ -4,7 +4,7 @@ import torch
 
 from protocol.messages import SamplingParams
 from worker.sampler import SampleRow, _filtered_probs, sample
-from worker_testutil import Req, ToyCore, make_runner, prompt
+from tests.worker.worker_testutil import Req, ToyCore, make_runner, prompt
 
 SEEDED = SamplingParams(temperature=1.0, top_p=0.9, seed=1234)
 

@@ -12,7 +12,7 @@ from protocol.config import EngineConfig, encode_config
 from protocol.messages import SamplingParams
 from protocol.process import make_socket
 from protocol.step import NewRequest, ScheduledRequest, Shutdown, StepPlan, WorkerReady, WorkerToCore
-from worker_testutil import prompt, reference_generate, save_tiny_model
+from tests.worker.worker_testutil import prompt, reference_generate, tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMEOUT_MS = 40_000
@@ -59,7 +59,7 @@ def test_worker_serves_a_step_then_shuts_down(worker_link, llama_folder):
     assert identity == b"rank0"
     assert isinstance(ready, WorkerReady) and ready.error is None
     assert ready.num_kv_blocks == 4_000_000 // (2 * 2 * 4 * 2 * 16 * 4)  # K+V, layers, block, KV heads, head dim, fp32
-    assert ready.max_model_len == 512
+    assert ready.max_model_len == 2048
 
     sock.send_multipart([identity, b"not msgpack"])  # logged and skipped
     tokens = prompt(3, 6)
@@ -82,7 +82,7 @@ def test_worker_serves_a_step_then_shuts_down(worker_link, llama_folder):
 
 def test_heads_not_divisible_by_workers_fail_start_up(worker_link, tmp_path):
     start, procs = worker_link
-    sock = start(save_tiny_model("odd", str(tmp_path / "odd")), workers=2, ranks=(0,))
+    sock = start(tiny_model("odd", str(tmp_path / "odd")), workers=2, ranks=(0,))
     _, ready = receive(sock)
     assert ready.error == "model has 9 attention heads and 3 KV heads: --workers 2 must divide both"
     assert procs[0].wait(timeout=20) == 1

@@ -9,7 +9,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch.distributed as dist  # noqa: E402
 
 from worker.parallel import init_tensor_parallel, shutdown_tensor_parallel  # noqa: E402
-from worker_testutil import Req, ToyCore, make_runner, prompt  # noqa: E402
+from tests.worker.worker_testutil import Req, ToyCore, make_runner, prompt  # noqa: E402
 
 
 class SharedResults:

@@ -2,8 +2,9 @@
 
 from dataclasses import dataclass, field
 
+from pathlib import Path
+
 import torch
-import transformers
 
 from protocol.messages import Logprobs, SamplingParams
 from protocol.step import NewRequest, ScheduledRequest, StepPlan
@@ -11,24 +12,21 @@ from worker.kv_cache import allocate_kv_cache, kv_shape
 from worker.model_loader import load_model
 from worker.model_runner import ModelRunner
 
+from tests.reference import greedy_tokens, load_reference
+from tests.tiny_models import save_tiny_model, tiny_config
+
 BLOCK_SIZE = 4
-COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 CONFIGS = {
-    "llama": lambda: transformers.LlamaConfig(**COMMON),
-    "qwen2": lambda: transformers.Qwen2Config(**COMMON),
-    "qwen3": lambda: transformers.Qwen3Config(head_dim=16, **COMMON),
+    "llama": lambda: tiny_config("llama"),
+    "qwen2": lambda: tiny_config("qwen2"),
+    "qwen3": lambda: tiny_config("qwen3"),
     # 9 heads / 3 KV heads: not divisible by 2 workers
-    "odd": lambda: transformers.LlamaConfig(**{**COMMON, "hidden_size": 72, "num_attention_heads": 9,
-                                               "num_key_value_heads": 3}),
+    "odd": lambda: tiny_config("llama", heads=9, kv_heads=3, head_dim=8),
 }
 
 
-def save_tiny_model(kind: str, folder: str) -> str:
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[kind]())
-    model.save_pretrained(folder)
-    return folder
+def tiny_model(kind: str, folder: str) -> str:
+    return str(save_tiny_model(CONFIGS[kind](), Path(folder)))
 
 
 def make_runner(folder: str, num_blocks: int = 256, tp_size: int = 1, is_driver: bool = True) -> ModelRunner:
@@ -40,10 +38,7 @@ def make_runner(folder: str, num_blocks: int = 256, tp_size: int = 1, is_driver:
 
 
 def reference_generate(folder: str, prompt: list[int], max_new_tokens: int) -> list[int]:
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa").eval()
-    model.generation_config.eos_token_id = None  # run to max_new_tokens without touching the logits
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    return greedy_tokens(load_reference(Path(folder)), prompt, max_new_tokens)
 
 
 @dataclass
