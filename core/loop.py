@@ -9,10 +9,13 @@ import logging
 import queue
 from collections import defaultdict
 
+import msgspec
+
 from core.io import OutputThread
+from core.pause import PauseState, Waiter
 from core.request import Request
 from core.scheduler import RoutedOutput, Scheduler
-from core.utility import run_utility
+from core.utility import error_result, run_utility
 from core.workers import WorkerGroup
 from protocol.messages import (
     AbortRequests,
@@ -20,8 +23,10 @@ from protocol.messages import (
     CoreInput,
     CoreOutputs,
     EngineReady,
+    EngineState,
     FrontendHello,
     UtilityCall,
+    UtilityResult,
 )
 
 logger = logging.getLogger(__name__)
@@ -37,18 +42,21 @@ class EngineLoop:
         inbox: "queue.Queue[CoreInput]",
         output: OutputThread,
         ready: EngineReady,
+        reject_while_paused: bool = False,
     ) -> None:
         self.scheduler = scheduler
         self.workers = workers
         self.inbox = inbox
         self.output = output
         self.ready = ready
+        self.reject_while_paused = reject_while_paused
+        self.pause = PauseState()
         self.running = True
 
     def run(self) -> None:
         while self.running:
-            self.handle_inputs(block=not self.scheduler.has_work)
-            step = self.scheduler.schedule()
+            self.handle_inputs(block=not self._can_step())
+            step = self.scheduler.schedule(self.pause.admits_new, self.pause.runs_running)
             if step is None:
                 continue
             result = self.workers.execute(step.plan)
@@ -59,6 +67,13 @@ class EngineLoop:
                 self.emit(self.scheduler.fail_step(step, result.error))
             else:
                 self.emit(self.scheduler.update(step, result))
+            self.settle_pause()
+
+    def _can_step(self) -> bool:
+        """Whether a step could run now (else the loop waits for input)."""
+        return bool(self.scheduler.running and self.pause.runs_running) or bool(
+            self.scheduler.waiting and self.pause.admits_new
+        )
 
     def handle_inputs(self, block: bool) -> None:
         """Apply every queued input; when `block`, wait a while for the first one."""
@@ -82,7 +97,11 @@ class EngineLoop:
             case AbortRequests():
                 self.scheduler.abort(message.request_ids)
             case UtilityCall():
-                self.output.send(message.client_index, run_utility(self, message))
+                result = run_utility(self, message)
+                # Outputs of requests the call finished go out before its answer.
+                self.emit(self.scheduler.take_finished_outputs())
+                if result is not None:
+                    self.output.send(message.client_index, result)
             case FrontendHello():
                 logger.info("frontend %d connected", message.client_index)
                 self.output.send(message.client_index, self.ready)
@@ -93,8 +112,39 @@ class EngineLoop:
         if problem:
             logger.warning("rejected request %s: %s", message.request_id, problem)
             self.scheduler.reject(request, problem)
+        elif self.reject_while_paused and not self.pause.admits_new:
+            self.scheduler.reject(request, f"the engine is {self.pause.status}: retry after resume", "paused")
         else:
             self.scheduler.add(request)
+
+    def settle_pause(self) -> None:
+        """Answer the pause calls whose state has been reached."""
+        for waiter in self.pause.settle(len(self.scheduler.running)):
+            self.answer(waiter)
+
+    def answer(self, waiter: Waiter, error: Exception | None = None) -> None:
+        if error is not None:
+            self.output.send(waiter.client_index, error_result(waiter.call_id, error))
+        else:
+            self.output.send(waiter.client_index, UtilityResult(waiter.call_id, msgspec.to_builtins(self.state())))
+
+    def state(self) -> EngineState:
+        """The engine's state and counts: frozen are running requests a pause(keep) holds; held
+        are waiting requests a pause holds."""
+        scheduler, pause = self.scheduler, self.pause
+        running, waiting = len(scheduler.running), len(scheduler.waiting)
+        return EngineState(
+            state=pause.status,
+            mode=pause.mode,
+            num_running=running if pause.runs_running else 0,
+            num_frozen=0 if pause.runs_running else running,
+            num_held=0 if pause.admits_new else waiting,
+            num_waiting=waiting if pause.admits_new else 0,
+            num_free_blocks=scheduler.pool.num_free,
+            num_total_blocks=scheduler.pool.num_blocks,
+            weight_version=scheduler.weight_version,
+            num_preemptions=scheduler.num_preemptions,
+        )
 
     def _check(self, message: AddRequest) -> str | None:
         num_tokens = len(message.prompt_token_ids)

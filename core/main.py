@@ -41,7 +41,7 @@ def run_core(config: EngineConfig, worker_pids: Sequence[int]) -> None:
             BlockPool(ready.num_kv_blocks, config.block_size),
             SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens, ready.max_model_len),
         )
-        EngineLoop(scheduler, workers, inbox, output_thread, ready).run()
+        EngineLoop(scheduler, workers, inbox, output_thread, ready, config.paused_requests == "reject").run()
     except WorkerDiedError as error:
         _exit(1, str(error))
     finally:

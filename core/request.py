@@ -42,6 +42,7 @@ class Request:
     new_logprobs: Optional[Logprobs] = None
     finish_reason: Optional[FinishReason] = None
     error: Optional[str] = None
+    error_kind: Optional[str] = None
 
     @classmethod
     def from_message(cls, message: AddRequest) -> "Request":

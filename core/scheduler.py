@@ -8,7 +8,7 @@ which later starts over from its cached prefix (recompute).
 """
 
 import logging
-from collections import deque
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
@@ -43,6 +43,7 @@ class Scheduler:
         self.limits = limits
         self.weight_version = 0
         self.requests: dict[str, Request] = {}
+        self.by_user_id: dict[str, set[str]] = defaultdict(set)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -56,15 +57,16 @@ class Scheduler:
 
     def add(self, request: Request) -> None:
         request.block_hashes = self._hashes(request, 0, None)
-        self.requests[request.request_id] = request
+        self._track(request)
         self.waiting.append(request)
 
-    def schedule(self) -> Optional[ScheduledStep]:
-        """The next step, or None when nothing can run."""
+    def schedule(self, admit_new: bool = True, run_running: bool = True) -> Optional[ScheduledStep]:
+        """The next step, or None when nothing can run. A pause holds new requests
+        (`admit_new=False`) and may freeze running ones (`run_running=False`)."""
         budget = self.limits.max_num_batched_tokens
         scheduled: list[tuple[Request, int]] = []
         preemptions_before = self.num_preemptions
-        for request in list(self.running):
+        for request in list(self.running) if run_running else []:
             if budget == 0:
                 break
             if request.status is not Status.RUNNING:
@@ -76,7 +78,7 @@ class Scheduler:
             budget -= num_tokens
         # After a preemption nothing new starts this step: the freed blocks go to those running.
         preempted = self.num_preemptions > preemptions_before
-        while not preempted and budget > 0 and self.waiting and len(self.running) < self.limits.max_num_seqs:
+        while admit_new and not preempted and budget > 0 and self.waiting and len(self.running) < self.limits.max_num_seqs:
             num_tokens = self._admit(self.waiting[0], budget)
             if num_tokens == 0:
                 break
@@ -193,15 +195,33 @@ class Scheduler:
                 aborted.append(request_id)
         return aborted
 
-    def reject(self, request: Request, error: str) -> None:
-        self.requests[request.request_id] = request
-        self._finish(request, "error", error)
+    def abort_user_ids(self, user_ids: Iterable[str]) -> tuple[list[str], list[str]]:
+        """Abort every live request carrying one of the users' ids, whichever frontend took it:
+        `(aborted, not_found)` in user ids."""
+        aborted, not_found = [], []
+        for user_id in dict.fromkeys(user_ids):
+            live = list(self.by_user_id.get(user_id, ()))
+            (aborted if self.abort(live) else not_found).append(user_id)
+        return aborted, not_found
+
+    def abort_all(self) -> list[str]:
+        return self.abort(list(self.requests))
+
+    def reject(self, request: Request, error: str, error_kind: Optional[str] = None) -> None:
+        self._track(request)
+        self._finish(request, "error", error, error_kind)
 
     def take_finished_outputs(self) -> list[RoutedOutput]:
         outputs, self._finished_outputs = self._finished_outputs, []
         return outputs
 
-    def _finish(self, request: Request, reason: FinishReason, error: Optional[str] = None) -> None:
+    def _track(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self.by_user_id[request.user_request_id].add(request.request_id)
+
+    def _finish(
+        self, request: Request, reason: FinishReason, error: Optional[str] = None, error_kind: Optional[str] = None
+    ) -> None:
         if request.status is Status.RUNNING:
             self.running.remove(request)
         elif request.status is Status.WAITING and request in self.waiting:
@@ -212,8 +232,12 @@ class Scheduler:
             self._finished_ids.append(request.request_id)
         request.status = Status.FINISHED
         request.finish_reason = reason
-        request.error = error
+        request.error, request.error_kind = error, error_kind
         del self.requests[request.request_id]
+        same_user = self.by_user_id[request.user_request_id]
+        same_user.discard(request.request_id)
+        if not same_user:
+            del self.by_user_id[request.user_request_id]
         self._finished_outputs.append(self._output(request))
 
     def _cache_computed_blocks(self, request: Request) -> None:
@@ -237,6 +261,7 @@ class Scheduler:
             request.num_prompt_tokens,
             request.num_cached_tokens,
             self.weight_version,
+            request.error_kind,
         )
         request.new_token_ids, request.new_logprobs = [], None
         return request.client_index, output

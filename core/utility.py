@@ -1,8 +1,9 @@
 """Utility calls: the table of methods a frontend may call on the core by name.
 
-A method takes the engine loop and its decoded argument struct and returns a msgpack-able
-value (a struct, a dict, a list, a scalar). Dispatch goes through `UTILITIES` only: an unknown
-name is an error answered to the caller, never a `getattr` on a wire string.
+A method takes the engine loop, its decoded argument struct and the call, and returns a
+msgpack-able value (a struct, a dict, a list, a scalar), or `DEFERRED` when the loop answers
+later (a pause answers once its state is reached). Dispatch goes through `UTILITIES` only: an
+unknown name is an error answered to the caller, never a `getattr` on a wire string.
 """
 
 import logging
@@ -10,61 +11,93 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import msgspec
 
+from core.pause import Waiter
 from protocol.codec import decode_args
 from protocol.errors import UtilityError, error_kind
-from protocol.messages import EngineState, NoArgs, UtilityCall, UtilityResult
+from protocol.messages import AbortArgs, AbortResult, EngineState, NoArgs, PauseArgs, UtilityCall, UtilityResult
 
 if TYPE_CHECKING:
     from core.loop import EngineLoop
 
 logger = logging.getLogger(__name__)
 
-Handler = Callable[["EngineLoop", Any], Any]
+DEFERRED = object()
+Handler = Callable[["EngineLoop", Any, UtilityCall], Any]
 
 
-def ping(engine: "EngineLoop", args: NoArgs) -> str:
+def ping(engine: "EngineLoop", args: NoArgs, call: UtilityCall) -> str:
     return "pong"
 
 
-def get_state(engine: "EngineLoop", args: NoArgs) -> EngineState:
-    scheduler = engine.scheduler
-    return EngineState(
-        state="running",
-        mode=None,
-        num_running=len(scheduler.running),
-        num_frozen=0,
-        num_held=0,
-        num_waiting=len(scheduler.waiting),
-        num_free_blocks=scheduler.pool.num_free,
-        num_total_blocks=scheduler.pool.num_blocks,
-        weight_version=scheduler.weight_version,
-        num_preemptions=scheduler.num_preemptions,
-    )
+def get_state(engine: "EngineLoop", args: NoArgs, call: UtilityCall) -> EngineState:
+    return engine.state()
+
+
+def is_paused(engine: "EngineLoop", args: NoArgs, call: UtilityCall) -> bool:
+    return engine.pause.status == "paused"
+
+
+def pause(engine: "EngineLoop", args: PauseArgs, call: UtilityCall) -> Any:
+    """Answered (with the state) once paused: at once for abort and keep, after the drain for wait."""
+    state = engine.pause
+    if state.status != "running" and args.mode not in (state.mode, "abort"):
+        raise UtilityError(f"the engine is already {state.status} ({state.mode}): resume before pause({args.mode})")
+    if args.mode == "abort":
+        engine.scheduler.abort_all()
+        state.status, state.mode = "pausing", "abort"
+    else:
+        state.begin(args.mode)
+    state.waiters.append(Waiter(call.client_index, call.call_id))
+    engine.settle_pause()
+    return DEFERRED
+
+
+def resume(engine: "EngineLoop", args: NoArgs, call: UtilityCall) -> EngineState:
+    for waiter in engine.pause.resume():
+        engine.answer(waiter, error=UtilityError("pause(wait) was cancelled by resume"))
+    return engine.state()
+
+
+def abort(engine: "EngineLoop", args: AbortArgs, call: UtilityCall) -> AbortResult:
+    return AbortResult(*engine.scheduler.abort_user_ids(args.request_ids))
+
+
+def abort_all(engine: "EngineLoop", args: NoArgs, call: UtilityCall) -> AbortResult:
+    user_ids = [r.user_request_id for r in engine.scheduler.requests.values()]
+    return AbortResult(*engine.scheduler.abort_user_ids(user_ids))
 
 
 UTILITIES: dict[str, tuple[Handler, type]] = {
     "ping": (ping, NoArgs),
     "get_state": (get_state, NoArgs),
+    "is_paused": (is_paused, NoArgs),
+    "pause": (pause, PauseArgs),
+    "resume": (resume, NoArgs),
+    "abort": (abort, AbortArgs),
+    "abort_all": (abort_all, NoArgs),
 }
 
 
-def run_utility(engine: "EngineLoop", call: UtilityCall) -> UtilityResult:
-    """Run one call; every failure becomes an error result for the caller."""
+def run_utility(engine: "EngineLoop", call: UtilityCall) -> UtilityResult | None:
+    """Run one call; every failure becomes an error result for the caller. None: answered later."""
     entry = UTILITIES.get(call.method)
     if entry is None:
         known = ", ".join(sorted(UTILITIES))
-        return _error(call, UtilityError(f"unknown utility method {call.method!r} (known: {known})"))
+        return error_result(call.call_id, UtilityError(f"unknown utility method {call.method!r} (known: {known})"))
     handler, args_type = entry
     try:
         args = decode_args(call.args, args_type)
     except (msgspec.DecodeError, msgspec.ValidationError) as error:
-        return _error(call, UtilityError(f"bad arguments for {call.method}: {error}"))
+        return error_result(call.call_id, UtilityError(f"bad arguments for {call.method}: {error}"))
     try:
-        return UtilityResult(call.call_id, msgspec.to_builtins(handler(engine, args)))
+        value = handler(engine, args, call)
     except Exception as error:  # noqa: BLE001 - any failure in a method is the caller's error
-        logger.exception("utility %s failed", call.method)
-        return _error(call, error)
+        if not isinstance(error, UtilityError):
+            logger.exception("utility %s failed", call.method)
+        return error_result(call.call_id, error)
+    return None if value is DEFERRED else UtilityResult(call.call_id, msgspec.to_builtins(value))
 
 
-def _error(call: UtilityCall, error: BaseException) -> UtilityResult:
-    return UtilityResult(call.call_id, None, error_kind(error), f"{type(error).__name__}: {error}")
+def error_result(call_id: int, error: BaseException) -> UtilityResult:
+    message = str(error) if isinstance(error, UtilityError) else f"{type(error).__name__}: {error}"
+    return UtilityResult(call_id, None, error_kind(error), message)

@@ -29,6 +29,8 @@ from protocol.errors import (
     error_from_kind,
 )
 from protocol.messages import (
+    AbortArgs,
+    AbortResult,
     CallResult,
     CancelStream,
     ChatMessage,
@@ -36,6 +38,7 @@ from protocol.messages import (
     EngineState,
     FrontendMessage,
     GenerateRequest,
+    PauseArgs,
     RequestOutput,
     SamplingParams,
     StreamError,
@@ -163,17 +166,19 @@ class AsyncClient:
     async def is_paused(self) -> bool:
         return bool(await self.call("is_paused"))
 
-    async def pause(self, mode: str = "abort", timeout: float | None = None) -> Any:
-        return await self.call("pause", {"mode": mode}, timeout)
+    async def pause(self, mode: str = "abort", timeout: float | None = None) -> EngineState:
+        """Returns once paused: abort and keep at once, wait after the last running request ended."""
+        return msgspec.convert(await self.call("pause", PauseArgs(mode), timeout), EngineState)
 
-    async def resume(self, kv: str | None = None) -> Any:
-        return await self.call("resume", {"kv": kv} if kv is not None else None)
+    async def resume(self) -> EngineState:
+        return msgspec.convert(await self.call("resume"), EngineState)
 
-    async def abort(self, request_ids: Iterable[str]) -> Any:
-        return await self.call("abort", {"request_ids": list(request_ids)})
+    async def abort(self, request_ids: Iterable[str]) -> AbortResult:
+        """Abort by the users' ids; returns after the aborted requests' final outputs were sent."""
+        return msgspec.convert(await self.call("abort", AbortArgs(list(request_ids))), AbortResult)
 
-    async def abort_all(self) -> Any:
-        return await self.call("abort_all")
+    async def abort_all(self) -> AbortResult:
+        return msgspec.convert(await self.call("abort_all"), AbortResult)
 
     async def _receive(self) -> None:
         while self._sock is not None:
@@ -286,16 +291,16 @@ class Client:
     def is_paused(self) -> bool:
         return self._run(self._async.is_paused())
 
-    def pause(self, mode: str = "abort", timeout: float | None = None) -> Any:
+    def pause(self, mode: str = "abort", timeout: float | None = None) -> EngineState:
         return self._run(self._async.pause(mode, timeout))
 
-    def resume(self, kv: str | None = None) -> Any:
-        return self._run(self._async.resume(kv))
+    def resume(self) -> EngineState:
+        return self._run(self._async.resume())
 
-    def abort(self, request_ids: Iterable[str]) -> Any:
+    def abort(self, request_ids: Iterable[str]) -> AbortResult:
         return self._run(self._async.abort(request_ids))
 
-    def abort_all(self) -> Any:
+    def abort_all(self) -> AbortResult:
         return self._run(self._async.abort_all())
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:

@@ -172,6 +172,10 @@ class Server:
             state = self._states.get(out.request_id)
             if state is None:  # finished here (stop string), cancelled, or unknown
                 continue
+            if out.error_kind is not None:  # refused by the core with a typed error
+                self._forget(state)
+                self._send(state.stream.client, StreamError(state.stream.stream_id, out.error_kind, out.error or ""))
+                continue
             update = state.update(out)
             batches[state.stream.client].append(StreamOutput(state.stream.stream_id, update.output))
             if update.stopped_by_string:

@@ -210,6 +210,7 @@ class CoreOutput(msgspec.Struct, array_like=True):
     num_prompt_tokens: int = 0
     cached_tokens: int = 0
     weight_version: int = 0
+    error_kind: Optional[str] = None  # set when the request is refused with a typed error
 
 
 class CoreOutputs(msgspec.Struct, tag="outputs", array_like=True):
@@ -229,8 +230,21 @@ CoreMessage = EngineReady | CoreOutputs | UtilityResult
 # ---- utility call arguments and results ---------------------------------------------------
 
 
-class NoArgs(msgspec.Struct):
+class NoArgs(msgspec.Struct, forbid_unknown_fields=True):
     pass
+
+
+class PauseArgs(msgspec.Struct, forbid_unknown_fields=True):
+    mode: Literal["abort", "wait", "keep"] = "abort"
+
+
+class AbortArgs(msgspec.Struct, forbid_unknown_fields=True):
+    request_ids: list[str]
+
+
+class AbortResult(msgspec.Struct):
+    aborted: list[str]
+    not_found: list[str]
 
 
 class EngineState(msgspec.Struct):

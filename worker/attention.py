@@ -5,8 +5,9 @@ The model runs one packed batch `[1, T]` mixing prefill chunks and decodes. Each
 together with `module.layer_idx`. Per layer:
 
     1. write this step's K/V at `slot_mapping` (slot = block_id * block_size + offset);
-    2. decodes (1 query token): one batched SDPA over K/V gathered by slot, padded to the
-       longest context, padding masked out;
+    2. decodes (1 query token): on CPU fp32, the C kernel of `worker.cpu_kernels`, which reads
+       each sequence's K/V blocks in place; elsewhere (CUDA, other dtypes, no C compiler) one
+       batched SDPA over K/V gathered by slot, padded to the longest context, padding masked out;
     3. each prefill chunk: its own SDPA; the chunk's earlier cached tokens are all visible,
        its own tokens causally.
 
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from worker.cpu_kernels import PagedDecode, fits_kernel, load_paged_decode
 from worker.kv_cache import KVCache
 
 # Our own name: a name transformers knows ("sdpa") would make it build a [T, T] mask each step.
@@ -40,8 +42,11 @@ class AttentionMetadata:
     kv_cache: KVCache
     slot_mapping: torch.Tensor  # [T] where each token's K/V is written
     decode_tokens: torch.Tensor  # [Nd] positions of decode tokens in the packed batch
-    decode_slots: torch.Tensor  # [Nd, L] context slots, padded
-    decode_mask: torch.Tensor  # [Nd, 1, 1, L] bool, False on padding
+    decode_kernel: PagedDecode | None  # None: the torch path, through decode_slots / decode_mask
+    decode_block_tables: torch.Tensor  # [Nd, max_blocks] (kernel path)
+    decode_context_lens: torch.Tensor  # [Nd] (kernel path)
+    decode_slots: torch.Tensor | None  # [Nd, L] context slots, padded (torch path)
+    decode_mask: torch.Tensor | None  # [Nd, 1, 1, L] bool, False on padding (torch path)
     prefills: list[PrefillChunk]
 
 
@@ -68,7 +73,12 @@ def build_metadata(
     is_decode = [q == 1 for q in query_lens]
     decode_rows = torch.tensor([i for i, d in enumerate(is_decode) if d], dtype=torch.long)
     decode_rows = decode_rows.to(block_tables.device)
-    decode_slots, valid = context_slots(block_tables[decode_rows], context_lens[decode_rows], block_size)
+    decode_tables, decode_lens = block_tables[decode_rows].contiguous(), context_lens[decode_rows].contiguous()
+    kernel = _decode_kernel(kv_cache)
+    decode_slots = valid = None
+    if kernel is None:
+        decode_slots, valid = context_slots(decode_tables, decode_lens, block_size)
+        valid = valid[:, None, None, :]
     decode_tokens = torch.tensor([s for s, d in zip(query_starts, is_decode) if d], dtype=torch.long)
     prefills = [
         _prefill_chunk(query_starts[i], query_lens[i], int(context_lens[i]), block_tables[i], block_size)
@@ -79,10 +89,20 @@ def build_metadata(
         kv_cache=kv_cache,
         slot_mapping=slot_mapping,
         decode_tokens=decode_tokens.to(block_tables.device),
+        decode_kernel=kernel,
+        decode_block_tables=decode_tables,
+        decode_context_lens=decode_lens,
         decode_slots=decode_slots,
-        decode_mask=valid[:, None, None, :],
+        decode_mask=valid,
         prefills=prefills,
     )
+
+
+def _decode_kernel(kv_cache: KVCache) -> PagedDecode | None:
+    """The C decode kernel when the cache is one it can read (every layer is allocated alike)."""
+    if not fits_kernel(kv_cache.keys[0], kv_cache.values[0]):
+        return None
+    return load_paged_decode()
 
 
 def _prefill_chunk(start: int, q_len: int, ctx_len: int, block_table: torch.Tensor, block_size: int):
@@ -126,12 +146,20 @@ def paged_attention(
 
 
 def _decode(q, out, k_cache, v_cache, meta: AttentionMetadata, scaling) -> None:
-    qd = q[meta.decode_tokens][:, :, None, :]  # [Nd, H, 1, D]
-    kd, vd = (_gather(cache, meta.decode_slots).transpose(1, 2) for cache in (k_cache, v_cache))  # [Nd, Hkv, L, D]
-    o = F.scaled_dot_product_attention(
-        qd, kd, vd, attn_mask=meta.decode_mask, scale=scaling, enable_gqa=True
-    )
-    out.index_copy_(0, meta.decode_tokens, o[:, :, 0, :])
+    qd = q[meta.decode_tokens]  # [Nd, H, D]
+    if meta.decode_kernel is not None:
+        qd, od = qd.contiguous(), torch.empty_like(qd, memory_format=torch.contiguous_format)
+        scale = scaling if scaling is not None else qd.shape[-1] ** -0.5
+        meta.decode_kernel(
+            qd, (k_cache, v_cache), meta.decode_block_tables, meta.decode_context_lens,
+            meta.kv_cache.block_size, scale, od,
+        )  # fmt: skip
+    else:
+        kd, vd = (_gather(cache, meta.decode_slots).transpose(1, 2) for cache in (k_cache, v_cache))  # [Nd, Hkv, L, D]
+        od = F.scaled_dot_product_attention(
+            qd[:, :, None, :], kd, vd, attn_mask=meta.decode_mask, scale=scaling, enable_gqa=True
+        )[:, :, 0, :]
+    out.index_copy_(0, meta.decode_tokens, od)
 
 
 def _prefill(q, out, new_kv, cache_kv, chunk: PrefillChunk, scaling) -> None:

@@ -1,0 +1,127 @@
+"""The C paged decode kernel against SDPA over gathered rows, and its fallback to the torch path."""
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from worker import attention, cpu_kernels
+from worker.attention import build_metadata, paged_attention
+from worker.kv_cache import KVCache
+
+BLOCK = 4
+HEADS, KV_HEADS, DIM = 6, 2, 16
+NUM_BLOCKS = 40
+# 1 token, a block less one, one block, several blocks, uneven lengths.
+CONTEXT_LENS = [1, BLOCK - 1, BLOCK, 3 * BLOCK, 2 * BLOCK + 1, 37]
+
+
+@pytest.fixture(scope="module")
+def kernel() -> cpu_kernels.PagedDecode:
+    loaded = cpu_kernels.load_paged_decode()
+    if loaded is None:
+        pytest.skip("no C compiler: the kernel falls back to the torch path")
+    return loaded
+
+
+def random_tables(lens: list[int], generator: torch.Generator) -> torch.Tensor:
+    """Each sequence gets distinct, shuffled (non-sequential) block ids; rows padded with block 0."""
+    needed = [-(-n // BLOCK) for n in lens]
+    ids = torch.randperm(NUM_BLOCKS, generator=generator)[: sum(needed)].tolist()
+    tables = torch.zeros(len(lens), max(needed), dtype=torch.long)
+    for row, count in enumerate(needed):
+        tables[row, :count] = torch.tensor(ids[:count])
+        ids = ids[count:]
+    return tables
+
+
+def sdpa_reference(q, k_cache, v_cache, tables, lens, scale) -> torch.Tensor:
+    """Per sequence: gather its context rows in order, then SDPA with GQA."""
+    out = []
+    for row, n in enumerate(lens):
+        pos = torch.arange(n)
+        slots = tables[row, pos // BLOCK] * BLOCK + pos % BLOCK
+        k, v = (c[slots].transpose(0, 1)[None] for c in (k_cache, v_cache))  # [1, Hkv, n, D]
+        o = F.scaled_dot_product_attention(q[row][None, :, None], k, v, scale=scale, enable_gqa=True)
+        out.append(o[0, :, 0])
+    return torch.stack(out)
+
+
+def test_kernel_equals_sdpa(kernel):
+    g = torch.Generator().manual_seed(0)
+    k_cache, v_cache = (torch.randn(NUM_BLOCKS * BLOCK, KV_HEADS, DIM, generator=g) for _ in range(2))
+    q = torch.randn(len(CONTEXT_LENS), HEADS, DIM, generator=g)
+    tables = random_tables(CONTEXT_LENS, g)
+    lens = torch.tensor(CONTEXT_LENS)
+    out = torch.full_like(q, float("nan"))
+    kernel(q, (k_cache, v_cache), tables, lens, BLOCK, 0.3, out)
+    expected = sdpa_reference(q, k_cache, v_cache, tables, CONTEXT_LENS, 0.3)
+    assert (out - expected).abs().max().item() <= 1e-5
+
+
+def test_kernel_refuses_wrong_layouts(kernel):
+    q = torch.randn(1, HEADS, DIM)
+    cache = torch.randn(BLOCK, KV_HEADS, DIM)
+    tables, lens = torch.zeros(1, 1, dtype=torch.long), torch.tensor([1])
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        kernel(q.transpose(1, 2).contiguous().transpose(1, 2), (cache, cache), tables, lens, BLOCK, 1.0, q.clone())
+    with pytest.raises(ValueError, match="int64"):
+        kernel(q, (cache, cache), tables.int(), lens, BLOCK, 1.0, q.clone())
+
+
+def mixed_step(generator: torch.Generator):
+    """A packed step: decodes around one prefill chunk with 5 cached tokens; K/V of the step included."""
+    lens = [9, 6 + 5, 1, 17]  # the second is the chunk: 5 cached + 6 new
+    query_lens = [1, 6, 1, 1]
+    tables = random_tables(lens, generator)
+    keys, values = ([torch.randn(NUM_BLOCKS * BLOCK, KV_HEADS, DIM, generator=generator)] for _ in range(2))
+    cache = KVCache(keys=keys, values=values, block_size=BLOCK, num_blocks=NUM_BLOCKS)
+    starts = [0, 1, 7, 8]
+    positions = torch.cat([torch.arange(n - q, n) for n, q in zip(lens, query_lens)])
+    rows = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(query_lens))
+    slots = tables[rows, positions // BLOCK] * BLOCK + positions % BLOCK
+    return cache, (slots, starts, query_lens, torch.tensor(lens), tables)
+
+
+def run_layer(cache: KVCache, step, qkv) -> torch.Tensor:
+    module = torch.nn.Module()
+    module.layer_idx = 0
+    meta = build_metadata(cache, *step)
+    return paged_attention(module, *qkv, None, scaling=0.25, attn_meta=meta)[0]
+
+
+def test_kernel_path_equals_torch_path(kernel, monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    cache, step = mixed_step(g)
+    T = sum(step[2])
+    qkv = (torch.randn(1, HEADS, T, DIM, generator=g), *(torch.randn(1, KV_HEADS, T, DIM, generator=g) for _ in range(2)))
+    fast_cache = KVCache([cache.keys[0].clone()], [cache.values[0].clone()], BLOCK, NUM_BLOCKS)
+    fast = run_layer(fast_cache, step, qkv)
+    assert build_metadata(fast_cache, *step).decode_kernel is kernel
+    monkeypatch.setattr(attention, "load_paged_decode", lambda: None)
+    slow = run_layer(cache, step, qkv)
+    assert (fast - slow).abs().max().item() <= 1e-5
+
+
+def test_no_compiler_warns_once_and_falls_back(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("ZEROSERVE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    cpu_kernels.load_paged_decode.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
+            assert cpu_kernels.load_paged_decode() is None
+            assert cpu_kernels.load_paged_decode() is None
+    finally:
+        cpu_kernels.load_paged_decode.cache_clear()
+    assert [r.message.startswith("paged decode kernel unavailable") for r in caplog.records] == [True]
+
+
+def test_build_is_cached_and_leaves_no_temporaries(kernel, tmp_path, monkeypatch):
+    monkeypatch.setenv("ZEROSERVE_CACHE", str(tmp_path))
+    built = Path(cpu_kernels._built_library())
+    mtime = built.stat().st_mtime_ns
+    assert Path(cpu_kernels._built_library()) == built and built.stat().st_mtime_ns == mtime
+    assert built.parent == tmp_path / "kernels"
+    assert sorted(p.name for p in built.parent.iterdir()) == [built.name, built.name + ".lock"]

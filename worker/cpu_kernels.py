@@ -1,0 +1,144 @@
+"""C kernels for the CPU path, built once per machine with the system C compiler and called via ctypes.
+
+Plain C against raw data pointers compiles in about a second (torch's C++ headers would take a
+minute). The shared object is cached under `$ZEROSERVE_CACHE/kernels/`, named by a hash of its
+source, flags and CPU, so an edit or another machine's cache never loads a stale or foreign build.
+Without a compiler, or when the build fails, `load_paged_decode()` warns once and returns None and
+the caller keeps its torch path.
+"""
+
+import ctypes
+import fcntl
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paged_decode.c")
+# No -ffast-math: it would let the compiler reorder sums beyond SDPA's rounding; the vector
+# reductions come from `omp simd` in the source instead.
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC")
+_ARGTYPES = (
+    [ctypes.c_void_p] * 6  # q, k_cache, v_cache, block_tables, context_lens, out
+    + [ctypes.c_int64] * 6  # num_seqs, num_heads, num_kv_heads, head_dim, max_blocks, block_size
+    + [ctypes.c_float, ctypes.c_int]  # scale, num_threads
+)
+
+
+@dataclass(frozen=True)
+class PagedDecode:
+    """The loaded `paged_decode_attention` C function."""
+
+    fn: Callable[..., int]
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        block_size: int,
+        scale: float,
+        out: torch.Tensor,
+    ) -> None:
+        """`out [N, H, D]` = attention of `q [N, H, D]` over each sequence's first `context_lens[i]`
+        tokens, read in place from `kv_cache` (`[slots, Hkv, D]` each) through `block_tables [N, B]`."""
+        k_cache, v_cache = kv_cache
+        _check_inputs(q, k_cache, v_cache, block_tables, context_lens, out)
+        num_seqs, num_heads, head_dim = q.shape
+        status = self.fn(
+            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+            block_tables.data_ptr(), context_lens.data_ptr(), out.data_ptr(),
+            num_seqs, num_heads, k_cache.shape[1], head_dim, block_tables.shape[1], block_size,
+            scale, torch.get_num_threads(),
+        )  # fmt: skip
+        if status != 0:
+            raise MemoryError("paged_decode_attention: no memory for its score buffers")
+
+
+def fits_kernel(*tensors: torch.Tensor) -> bool:
+    """The kernel reads raw fp32 rows: CPU, float32 and contiguous only."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+
+
+def _check_inputs(q, k_cache, v_cache, block_tables, context_lens, out) -> None:
+    # The C side trusts every pointer and size: a wrong layout would read out of bounds, not fail.
+    if not fits_kernel(q, k_cache, v_cache, out):
+        raise ValueError("paged_decode_attention needs contiguous fp32 CPU q, k_cache, v_cache and out")
+    if k_cache.shape != v_cache.shape or out.shape != q.shape or q.shape[2] != k_cache.shape[2]:
+        raise ValueError(f"shapes disagree: q {q.shape}, k/v {k_cache.shape}/{v_cache.shape}, out {out.shape}")
+    if q.shape[1] % k_cache.shape[1]:
+        raise ValueError(f"{q.shape[1]} query heads do not divide into {k_cache.shape[1]} KV heads")
+    for name, t in (("block_tables", block_tables), ("context_lens", context_lens)):
+        if t.device.type != "cpu" or t.dtype != torch.int64 or not t.is_contiguous() or len(t) != len(q):
+            raise ValueError(f"{name} must be a contiguous int64 CPU tensor with one row per query")
+
+
+@functools.cache
+def load_paged_decode() -> PagedDecode | None:
+    """The kernel, built on first use; None (one warning per process) when it cannot be built."""
+    try:
+        lib = ctypes.CDLL(_built_library())
+    except (OSError, subprocess.CalledProcessError, FileNotFoundError) as err:
+        detail = getattr(err, "stderr", None) or err
+        logger.warning("paged decode kernel unavailable, using the torch path: %s", detail)
+        return None
+    fn = lib.paged_decode_attention
+    fn.argtypes = _ARGTYPES
+    fn.restype = ctypes.c_int
+    return PagedDecode(fn)
+
+
+def _built_library() -> str:
+    """Path of the cached shared object, compiling it first if needed (once, across processes)."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise FileNotFoundError("no C compiler (cc or gcc) on PATH")
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(), _cpu_flags()]))
+    folder = os.path.join(_cache_root(), "kernels")
+    target = os.path.join(folder, f"paged_decode-{key.hexdigest()[:16]}.so")
+    if os.path.exists(target):
+        return target
+    os.makedirs(folder, exist_ok=True)
+    # One builder at a time; one that waited finds the file there. The rename makes it appear whole.
+    with open(target + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(target):
+            _compile(compiler, target)
+    return target
+
+
+def _compile(compiler: str, target: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".paged_decode-", suffix=".so", dir=os.path.dirname(target))
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, "-o", tmp, SOURCE, "-lm"], check=True, capture_output=True, text=True)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _cpu_flags() -> bytes:
+    """-march=native bakes in this CPU's instruction sets: a cache shared with another CPU must not match."""
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            return next((line for line in f if line.startswith(b"flags")), b"")
+    except OSError:
+        return b""
+
+
+def _cache_root() -> str:
+    # Same rule as worker.model_loader.cache_root, which cannot be imported here (it imports attention).
+    return os.environ.get("ZEROSERVE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "zeroserve"))
