@@ -7,6 +7,7 @@ Only queues are touched here: sockets live on the threads of `io.py` and `worker
 
 import logging
 import queue
+import time
 from collections import defaultdict
 
 import msgspec
@@ -28,10 +29,12 @@ from protocol.messages import (
     UtilityCall,
     UtilityResult,
 )
+from protocol.process import pid_alive
 
 logger = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.5
+FRONTEND_CHECK_S = 0.5
 
 
 class EngineLoop:
@@ -51,11 +54,14 @@ class EngineLoop:
         self.ready = ready
         self.reject_while_paused = reject_while_paused
         self.pause = PauseState()
+        self.frontend_pids: dict[int, int] = {}
+        self.next_frontend_check = 0.0
         self.running = True
 
     def run(self) -> None:
         while self.running:
             self.handle_inputs(block=not self._can_step())
+            self.check_frontends()
             step = self.scheduler.schedule(self.pause.admits_new, self.pause.runs_running)
             if step is None:
                 continue
@@ -103,7 +109,9 @@ class EngineLoop:
                 if result is not None:
                     self.output.send(message.client_index, result)
             case FrontendHello():
-                logger.info("frontend %d connected", message.client_index)
+                logger.info("frontend %d connected (pid %d)", message.client_index, message.pid)
+                if message.pid:
+                    self.frontend_pids[message.client_index] = message.pid
                 self.output.send(message.client_index, self.ready)
 
     def add_request(self, message: AddRequest) -> None:
@@ -116,6 +124,20 @@ class EngineLoop:
             self.scheduler.reject(request, f"the engine is {self.pause.status}: retry after resume", "paused")
         else:
             self.scheduler.add(request)
+
+    def check_frontends(self) -> None:
+        """A dead frontend does not take the core down: its requests are aborted and their
+        blocks freed (checked at most every FRONTEND_CHECK_S)."""
+        now = time.monotonic()
+        if now < self.next_frontend_check:
+            return
+        self.next_frontend_check = now + FRONTEND_CHECK_S
+        for client_index, pid in list(self.frontend_pids.items()):
+            if not pid_alive(pid):
+                del self.frontend_pids[client_index]
+                aborted = self.scheduler.abort_frontend(client_index)
+                self.scheduler.take_finished_outputs()  # nobody is left to read them
+                logger.error("frontend %d (pid %d) died: aborted its %d request(s)", client_index, pid, len(aborted))
 
     def settle_pause(self) -> None:
         """Answer the pause calls whose state has been reached."""

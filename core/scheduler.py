@@ -207,6 +207,10 @@ class Scheduler:
     def abort_all(self) -> list[str]:
         return self.abort(list(self.requests))
 
+    def abort_frontend(self, client_index: int) -> list[str]:
+        """Abort every request a (dead) frontend owns."""
+        return self.abort([r.request_id for r in self.requests.values() if r.client_index == client_index])
+
     def reject(self, request: Request, error: str, error_kind: Optional[str] = None) -> None:
         self._track(request)
         self._finish(request, "error", error, error_kind)

@@ -10,6 +10,7 @@ at once.
 """
 
 import asyncio
+import os
 import logging
 from typing import Any, Protocol
 
@@ -68,7 +69,7 @@ class CoreClient:
             self._send(AbortRequests(client_index=self.index, request_ids=request_ids))
 
     def hello(self) -> None:
-        self._send(FrontendHello(client_index=self.index))
+        self._send(FrontendHello(client_index=self.index, pid=os.getpid()))
 
     def call(self, method: str, args: bytes = b"") -> asyncio.Future[Any]:
         """Start a utility call; the future resolves with its value or fails with a typed error."""

@@ -68,6 +68,8 @@ class Supervisor:
         self.started = started
         self.children: list[Child] = []
         self.stop_signal: int | None = None
+        self.ready = False
+        self.lost_frontends: set[str] = set()
 
     def run(self) -> int:
         context = zmq.Context()
@@ -131,6 +133,7 @@ class Supervisor:
             expected.discard(report.role)
             self._announce(report)
         logger.info("ready in %.1f s", time.monotonic() - self.started)
+        self.ready = True
         return None
 
     def _announce(self, report: ProcessReady) -> None:
@@ -148,15 +151,25 @@ class Supervisor:
             time.sleep(WATCH_INTERVAL_S)
 
     def _check_children(self) -> int | None:
-        """0 after Ctrl-C / SIGTERM, 1 when a child died, None while all run."""
+        """0 after Ctrl-C / SIGTERM (1 if a frontend died meanwhile), 1 when the core or a
+        worker died, None while they run. A dead frontend does not stop the others: the core
+        aborts its requests and the other frontends go on serving."""
         if self.stop_signal is not None:
             logger.info("stopping (%s)", signal.Signals(self.stop_signal).name)
-            return 0
+            return 1 if self.lost_frontends else 0
         for child in self.children:
             code = child.process.poll()
-            if code is not None:
-                logger.error("%s exited with status %s: stopping everything", child.role, code)
-                return 1
+            if code is None or child.role in self.lost_frontends:
+                continue
+            if child.role.startswith("frontend-") and self.ready:
+                logger.error("%s exited with status %s: the other processes go on", child.role, code)
+                self.lost_frontends.add(child.role)
+                continue
+            logger.error("%s exited with status %s: stopping everything", child.role, code)
+            return 1
+        if self.lost_frontends and len(self.lost_frontends) == self.config.frontends:
+            logger.error("every frontend is gone: stopping")
+            return 1
         return None
 
     def _stop_children(self) -> None:

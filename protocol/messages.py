@@ -158,9 +158,11 @@ FrontendMessage = StreamOutputs | StreamError | CallResult
 
 
 class FrontendHello(msgspec.Struct, tag="hello", array_like=True):
-    """A frontend's first message; the core answers with `EngineReady` on that frontend's channel."""
+    """A frontend's first message; the core answers with `EngineReady` on that frontend's channel
+    and from then on watches `pid`: a frontend that dies has its requests aborted."""
 
     client_index: int
+    pid: int = 0
 
 
 class AddRequest(msgspec.Struct, tag="add", array_like=True):

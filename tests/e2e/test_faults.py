@@ -90,3 +90,43 @@ def test_heads_not_divisible_by_workers_is_refused(smollm2_folder):
     result = _serve("--model", str(smollm2_folder), "--workers", "2", "--port", "8393")
     assert result.returncode != 0
     assert "9 attention heads and 3 KV heads: --workers 2 must divide both" in result.stderr
+
+
+def test_dead_frontend_has_its_requests_aborted_and_the_others_go_on(tiny_models):
+    engine = start_engine(tiny_models["llama"], frontends=2)
+    try:
+        async def run():
+            async with AsyncClient(engine.addresses[0]) as doomed_client, AsyncClient(engine.addresses[1]) as client:
+                start = await client.get_state()
+                doomed = [asyncio.create_task(_drain(doomed_client, max_tokens=1500)) for _ in range(3)]
+                survivor = asyncio.create_task(_drain(client, max_tokens=200))
+                await _wait_for(lambda: _running(client), lambda n: n == 4)
+                os.kill(engine.child_pid("zeroserve-frontend-0"), signal.SIGKILL)
+                for task in doomed:
+                    with pytest.raises(EngineDeadError):
+                        await asyncio.wait_for(task, DEAD_WITHIN_S)
+                await _wait_for(lambda: _running(client), lambda n: n == 1)
+                outputs = await asyncio.wait_for(survivor, 60)
+                await _wait_for(lambda: _running(client), lambda n: n == 0)
+                return start, outputs, await client.get_state()
+        start, outputs, end = asyncio.run(run())
+        assert outputs[-1].finish_reason == "length" and outputs[-1].num_output_tokens == 200
+        assert end.num_free_blocks == start.num_free_blocks
+        assert engine.process.poll() is None  # serve goes on with one frontend
+    finally:
+        engine.stop()
+
+
+async def _drain(client: AsyncClient, max_tokens: int) -> list:
+    return [o async for o in client.generate(prompt="Keep going", max_tokens=max_tokens, ignore_eos=True)]
+
+
+async def _running(client: AsyncClient) -> int:
+    return (await client.get_state()).num_running
+
+
+async def _wait_for(probe, accept, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not accept(await probe()):
+        assert time.monotonic() < deadline, "state not reached in time"
+        await asyncio.sleep(0.05)
