@@ -23,6 +23,9 @@ def init_tensor_parallel(run_dir: str, rank: int, world_size: int, device_type: 
     # transformers reads these to bind the local device when it builds its mesh.
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     device = torch.device("cpu")
+    if device_type == "cpu":
+        # The ranks share the machine's cores: more threads than cores make every rank wait.
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world_size))
     if device_type == "cuda":
         device = torch.device("cuda", rank)
         torch.cuda.set_device(device)
