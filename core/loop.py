@@ -91,6 +91,8 @@ class EngineLoop:
             self.handle(message)
             # Outputs of requests this input finished go out before anything it answers later.
             self.emit(self.scheduler.take_finished_outputs())
+            # An abort may have ended the last running request a pause(wait) waits for.
+            self.settle_pause()
             try:
                 message = self.inbox.get_nowait()
             except queue.Empty:
@@ -137,6 +139,7 @@ class EngineLoop:
                 del self.frontend_pids[client_index]
                 aborted = self.scheduler.abort_frontend(client_index)
                 self.scheduler.take_finished_outputs()  # nobody is left to read them
+                self.settle_pause()
                 logger.error("frontend %d (pid %d) died: aborted its %d request(s)", client_index, pid, len(aborted))
 
     def settle_pause(self) -> None:

@@ -170,3 +170,19 @@ def test_requests_while_paused_are_rejected_with_the_reject_policy(tiny_models):
     finally:
         engine.stop()
     assert outputs[-1].finish_reason == "length"
+
+
+def test_pause_wait_completes_when_its_last_request_is_aborted(engine):
+    async def run():
+        async with AsyncClient(engine.addresses[0]) as client:
+            stream = Stream(client, **long_request(11, max_tokens=2000))
+            await _until(lambda: stream.outputs)
+            pending = asyncio.create_task(client.pause("wait"))
+            await asyncio.sleep(0.2)
+            assert not pending.done()
+            await client.abort(["req-11"])
+            state = await asyncio.wait_for(pending, 10)
+            await client.resume()
+            return state, stream
+    state, stream = asyncio.run(run())
+    assert state.state == "paused" and stream.final.finish_reason == "abort"
