@@ -46,10 +46,12 @@ class PauseState:
             self.status, self.mode = "pausing", mode
 
     def settle(self, num_running: int) -> list[Waiter]:
-        """Move `pausing` to `paused` once its condition holds; the waiters to answer then."""
-        if self.status != "pausing" or (self.mode == "wait" and num_running > 0):
+        """Move `pausing` to `paused` once its condition holds; once paused, every waiter
+        (a repeated pause included) is answered."""
+        if self.status == "pausing" and not (self.mode == "wait" and num_running > 0):
+            self.status = "paused"
+        if self.status != "paused":
             return []
-        self.status = "paused"
         waiters, self.waiters = self.waiters, []
         return waiters
 
