@@ -1,8 +1,10 @@
 """The core's busy loop: take inputs, schedule a step, run it on the workers, emit outputs.
 
-    plan = scheduler.schedule(); result = workers.execute(plan); emit(scheduler.update(plan, result))
+    plan = scheduler.schedule(); workers.submit(plan); result = await_result(); emit(scheduler.update(plan, result))
 
-Only queues are touched here: sockets live on the threads of `io.py` and `workers.py`.
+Only one queue is touched here: frontends' inputs and the workers' step results arrive on it
+from the threads of `io.py` and `workers.py`. Inputs are applied while a step runs, so control
+calls are answered without waiting for the step (a pause(keep) still answers only after it).
 """
 
 import logging
@@ -17,7 +19,7 @@ from core.pause import PauseState, Waiter
 from core.request import Request
 from core.scheduler import RoutedOutput, Scheduler
 from core.utility import error_result, run_utility
-from core.workers import WorkerGroup
+from core.workers import WorkerDiedError, WorkerGroup
 from protocol.messages import (
     AbortRequests,
     AddRequest,
@@ -29,12 +31,14 @@ from protocol.messages import (
     UtilityCall,
     UtilityResult,
 )
+from protocol.step import StepResult
 from protocol.process import pid_alive
 
 logger = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.5
 FRONTEND_CHECK_S = 0.5
+STEP_TIMEOUT_S = 600.0
 
 
 class EngineLoop:
@@ -42,7 +46,7 @@ class EngineLoop:
         self,
         scheduler: Scheduler,
         workers: WorkerGroup,
-        inbox: "queue.Queue[CoreInput]",
+        inbox: "queue.Queue[CoreInput | StepResult]",
         output: OutputThread,
         ready: EngineReady,
         reject_while_paused: bool = False,
@@ -56,6 +60,7 @@ class EngineLoop:
         self.pause = PauseState()
         self.frontend_pids: dict[int, int] = {}
         self.next_frontend_check = 0.0
+        self.step_in_flight = False
         self.running = True
 
     def run(self) -> None:
@@ -65,15 +70,41 @@ class EngineLoop:
             step = self.scheduler.schedule(self.pause.admits_new, self.pause.runs_running)
             if step is None:
                 continue
-            result = self.workers.execute(step.plan)
-            # An abort received during the step wins: it is applied before outputs are built.
-            self.handle_inputs(block=False)
+            self.workers.submit(step.plan)
+            result = self.await_result(step.plan.step_id)
             if result.error:
                 logger.error("step %d failed on the workers: %s", result.step_id, result.error)
                 self.emit(self.scheduler.fail_step(step, result.error))
             else:
                 self.emit(self.scheduler.update(step, result))
             self.settle_pause()
+
+    def await_result(self, step_id: int) -> StepResult:
+        """Serve inputs until the step's result arrives. An abort received during the step wins
+        over its output: the request is finished now, and `update` skips it."""
+        self.step_in_flight = True
+        deadline = time.monotonic() + STEP_TIMEOUT_S
+        try:
+            while True:
+                try:
+                    event = self.inbox.get(timeout=IDLE_WAIT_S)
+                except queue.Empty:
+                    event = None
+                if isinstance(event, StepResult):
+                    if event.step_id != step_id:
+                        raise WorkerDiedError(f"the workers answered step {event.step_id}, expected {step_id}")
+                    return event
+                if event is not None:
+                    self.handle(event)
+                    self.emit(self.scheduler.take_finished_outputs())
+                self.check_workers(deadline)
+        finally:
+            self.step_in_flight = False
+
+    def check_workers(self, deadline: float) -> None:
+        if time.monotonic() > deadline:
+            raise WorkerDiedError("no step result from the workers in time")
+        self.workers.check_alive()
 
     def _can_step(self) -> bool:
         """Whether a step could run now (else the loop waits for input)."""
@@ -98,7 +129,7 @@ class EngineLoop:
             except queue.Empty:
                 return
 
-    def handle(self, message: CoreInput) -> None:
+    def handle(self, message: CoreInput | StepResult) -> None:
         match message:
             case AddRequest():
                 self.add_request(message)
@@ -115,6 +146,8 @@ class EngineLoop:
                 if message.pid:
                     self.frontend_pids[message.client_index] = message.pid
                 self.output.send(message.client_index, self.ready)
+            case StepResult():
+                logger.error("dropped the result of step %d: no step is in flight", message.step_id)
 
     def add_request(self, message: AddRequest) -> None:
         request = Request.from_message(message)
@@ -143,7 +176,9 @@ class EngineLoop:
                 logger.error("frontend %d (pid %d) died: aborted its %d request(s)", client_index, pid, len(aborted))
 
     def settle_pause(self) -> None:
-        """Answer the pause calls whose state has been reached."""
+        """Answer the pause calls whose state has been reached (never while a forward runs)."""
+        if self.step_in_flight:
+            return
         for waiter in self.pause.settle(len(self.scheduler.running)):
             self.answer(waiter)
 

@@ -1,7 +1,7 @@
 """Talking to the worker ranks: every rank gets every plan; rank 0 answers with the result.
 
-A thread owns the socket; the loop hands plans over and waits on a queue with a deadline,
-checking that every worker process is alive.
+A thread owns the socket. The loop submits a plan and the result arrives on the loop's own
+event queue, beside the frontends' inputs, so the loop serves inputs while a step runs.
 """
 
 import logging
@@ -15,7 +15,7 @@ import zmq
 
 from protocol.codec import Decoder, Encoder
 from protocol.process import make_socket, pid_alive
-from protocol.step import CoreToWorker, Shutdown, StepPlan, StepResult, WorkerReady, WorkerToCore
+from protocol.step import CoreToWorker, Shutdown, StepPlan, WorkerReady, WorkerToCore
 
 logger = logging.getLogger(__name__)
 
@@ -27,14 +27,23 @@ class WorkerDiedError(RuntimeError):
 
 
 class WorkerGroup:
-    def __init__(self, context: zmq.Context, address: str, num_workers: int, worker_pids: Sequence[int]) -> None:
+    def __init__(
+        self,
+        context: zmq.Context,
+        address: str,
+        num_workers: int,
+        worker_pids: Sequence[int],
+        events: "queue.Queue",
+    ) -> None:
+        """Step results go to `events` (the loop's queue); ready messages to a queue of their own."""
         self._socket = make_socket(context, zmq.ROUTER, address, bind=True)
         self._num_workers = num_workers
         self._pids = list(worker_pids)
         self._encoder = Encoder()
         self._decoder = Decoder(WorkerToCore)
         self._plans: "queue.Queue[CoreToWorker]" = queue.Queue()
-        self._results: "queue.Queue[StepResult | WorkerReady]" = queue.Queue()
+        self._readies: "queue.Queue[WorkerReady]" = queue.Queue()
+        self._events = events
         self._thread = threading.Thread(target=self._serve, name="core-workers", daemon=True)
         self._stopped = threading.Event()
 
@@ -43,39 +52,34 @@ class WorkerGroup:
 
     def wait_ready(self, timeout_s: float) -> list[WorkerReady]:
         """Every rank's ready message (rank order); raises if one failed, died or timed out."""
-        readies = [self._get(time.monotonic() + timeout_s, WorkerReady) for _ in range(self._num_workers)]
+        deadline = time.monotonic() + timeout_s
+        readies = []
+        while len(readies) < self._num_workers:
+            try:
+                readies.append(self._readies.get(timeout=0.5))
+            except queue.Empty:
+                self.check_alive()
+                if time.monotonic() > deadline:
+                    raise WorkerDiedError("the workers did not report ready in time")
         readies.sort(key=lambda r: r.rank)
         failed = [r for r in readies if r.error]
         if failed:
             raise RuntimeError(failed[0].error)
         return readies
 
-    def execute(self, plan: StepPlan, timeout_s: float = 600.0) -> StepResult:
+    def submit(self, plan: StepPlan) -> None:
+        """Run a step; its `StepResult` arrives on the events queue."""
         self._plans.put(plan)
-        result = self._get(time.monotonic() + timeout_s, StepResult)
-        if result.step_id != plan.step_id:
-            raise RuntimeError(f"worker answered step {result.step_id}, expected {plan.step_id}")
-        return result
+
+    def check_alive(self) -> None:
+        dead = [pid for pid in self._pids if not pid_alive(pid)]
+        if dead:
+            raise WorkerDiedError(f"worker process {dead[0]} died")
 
     def shutdown(self) -> None:
         self._plans.put(Shutdown())
         self._stopped.set()
         self._thread.join(timeout=2.0)
-
-    def _get(self, deadline: float, kind: type) -> "StepResult | WorkerReady":
-        while True:
-            try:
-                item = self._results.get(timeout=0.5)
-            except queue.Empty:
-                dead = [pid for pid in self._pids if not pid_alive(pid)]
-                if dead:
-                    raise WorkerDiedError(f"worker process {dead[0]} died")
-                if time.monotonic() > deadline:
-                    raise WorkerDiedError(f"no {kind.__name__} from the workers in time")
-                continue
-            if isinstance(item, kind):
-                return item
-            logger.error("unexpected %s from a worker", type(item).__name__)
 
     def _serve(self) -> None:
         """Strictly one plan in flight: readies first, then plan → result, plan → result."""
@@ -110,8 +114,9 @@ class WorkerGroup:
     def _receive(self) -> bool:
         _, *frames = self._socket.recv_multipart(copy=False)
         try:
-            self._results.put(self._decoder.decode([f.buffer for f in frames]))
-            return True
+            message = self._decoder.decode([f.buffer for f in frames])
         except (msgspec.DecodeError, msgspec.ValidationError, IndexError) as error:
             logger.error("dropped a malformed frame from a worker: %s", error)
             return False
+        (self._readies if isinstance(message, WorkerReady) else self._events).put(message)
+        return True
