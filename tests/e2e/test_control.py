@@ -4,9 +4,11 @@ import asyncio
 import time
 
 import pytest
+import transformers
 
 from frontend.client import AsyncClient, EnginePausedError
 from tests.e2e.engine import start_engine
+from tests.reference import greedy_tokens, load_reference
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -186,3 +188,30 @@ def test_pause_wait_completes_when_its_last_request_is_aborted(engine):
             return state, stream
     state, stream = asyncio.run(run())
     assert state.state == "paused" and stream.final.finish_reason == "abort"
+
+
+def test_pause_keep_freezes_a_long_chunked_prefill(tiny_models):
+    """An 8-token budget prefills the long prompt over many steps; a pause in the middle holds it."""
+    engine = start_engine(tiny_models["qwen3"], "--max-num-batched-tokens", "8")
+    prompt = "The harbour town kept its lighthouse lit through every storm of the century. " * 12
+    try:
+        async def run():
+            async with AsyncClient(engine.addresses[0]) as client:
+                paused = Stream(client, prompt=prompt, max_tokens=8, ignore_eos=True, temperature=0.0)
+                while (await client.get_state()).num_running == 0:
+                    await asyncio.sleep(0.001)
+                state = await client.pause("keep")
+                await asyncio.sleep(0.5)
+                during = (len(paused.outputs), await client.get_state())
+                await client.resume()
+                await asyncio.wait_for(paused.task, 30)
+                return paused, state, during
+        paused, state, (outputs_while_paused, later) = asyncio.run(run())
+    finally:
+        engine.stop()
+    assert state.state == "paused" and state.num_frozen == 1
+    assert outputs_while_paused == 0 and later.num_frozen == 1
+    model = load_reference(tiny_models["qwen3"])
+    prompt_ids = transformers.AutoTokenizer.from_pretrained(tiny_models["qwen3"])(prompt).input_ids
+    assert len(prompt_ids) > 20 * 8
+    assert paused.tokens == greedy_tokens(model, prompt_ids, 8) and paused.final.finish_reason == "length"
