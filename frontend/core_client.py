@@ -10,8 +10,8 @@ at once.
 """
 
 import asyncio
-import os
 import logging
+import os
 from typing import Any, Protocol
 
 import msgspec

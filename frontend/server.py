@@ -9,7 +9,6 @@ client in the order the core sent them: one `StreamOutputs` per client per `Core
 
 import itertools
 import logging
-import uuid
 from collections import defaultdict
 from typing import Any
 
@@ -88,10 +87,12 @@ class Server:
             prompt_ids = self._prompt_ids(request)
             sampling = self._checked_sampling(request.sampling, len(prompt_ids))
             request_id = f"{self._core.index}-{next(self._ids)}"
+            # Without an id of the user's, the internal one is shown and abort() takes it.
+            user_request_id = request.request_id or request_id
             self._core.add_request(
                 AddRequest(
                     request_id=request_id,
-                    user_request_id=request.request_id or uuid.uuid4().hex,
+                    user_request_id=user_request_id,
                     client_index=self._core.index,
                     prompt_token_ids=prompt_ids,
                     sampling=sampling,
@@ -103,7 +104,7 @@ class Server:
             return
         self._states[request_id] = RequestState(
             request_id=request_id,
-            user_request_id=request.request_id or request_id,
+            user_request_id=user_request_id,
             stream=key,
             detokenizer=Detokenizer(self._tokenizer.backend, sampling.stop),
             num_prompt_tokens=len(prompt_ids),

@@ -215,3 +215,15 @@ def test_pause_keep_freezes_a_long_chunked_prefill(tiny_models):
     prompt_ids = transformers.AutoTokenizer.from_pretrained(tiny_models["qwen3"])(prompt).input_ids
     assert len(prompt_ids) > 20 * 8
     assert paused.tokens == greedy_tokens(model, prompt_ids, 8) and paused.final.finish_reason == "length"
+
+
+def test_a_request_without_an_id_is_aborted_by_the_id_its_outputs_show(engine):
+    async def run():
+        async with AsyncClient(engine.addresses[0]) as client:
+            stream = Stream(client, prompt="Anonymous", max_tokens=2000, ignore_eos=True)
+            await _until(lambda: stream.outputs)
+            result = await client.abort([stream.outputs[0].request_id])
+            await asyncio.wait_for(stream.task, 10)
+            return result, stream
+    result, stream = asyncio.run(run())
+    assert result.aborted == [stream.outputs[0].request_id] and stream.final.finish_reason == "abort"
