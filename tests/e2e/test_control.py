@@ -8,38 +8,10 @@ import transformers
 
 from frontend.client import AsyncClient, EnginePausedError
 from tests.e2e.engine import start_engine
+from tests.e2e.streams import Stream
 from tests.reference import greedy_tokens, load_reference
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_models):
-    engine = start_engine(tiny_models["llama"], "--max-num-seqs", "8", frontends=2)
-    yield engine
-    engine.stop()
-
-
-class Stream:
-    """A request consumed in the background; keeps every output and when it arrived."""
-
-    def __init__(self, client: AsyncClient, **request) -> None:
-        self.outputs: list = []
-        self.times: list[float] = []
-        self.task = asyncio.create_task(self._consume(client.generate(**request)))
-
-    async def _consume(self, stream) -> None:
-        async for output in stream:
-            self.outputs.append(output)
-            self.times.append(time.monotonic())
-
-    @property
-    def tokens(self) -> list[int]:
-        return [t for o in self.outputs for t in o.token_ids]
-
-    @property
-    def final(self):
-        return self.outputs[-1]
 
 
 async def _until(predicate, timeout: float = 30.0) -> None:
@@ -53,9 +25,9 @@ def long_request(i: int, max_tokens: int = 400) -> dict:
     return dict(prompt=f"Story {i}:", request_id=f"req-{i}", max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
 
 
-def test_pause_abort_ends_running_with_partial_tokens_and_waiting_with_none(engine):
+def test_pause_abort_ends_running_with_partial_tokens_and_waiting_with_none(control_engine):
     async def run():
-        async with AsyncClient(engine.addresses[0]) as client, AsyncClient(engine.addresses[1]) as other:
+        async with AsyncClient(control_engine.addresses[0]) as client, AsyncClient(control_engine.addresses[1]) as other:
             start = await client.get_state()
             streams = [Stream(client, **long_request(i)) for i in range(20)]
             await _until(lambda: sum(bool(s.outputs) for s in streams) >= 8)
@@ -82,9 +54,9 @@ def test_pause_abort_ends_running_with_partial_tokens_and_waiting_with_none(engi
     assert held.final.finish_reason == "length" and len(held.tokens) == 5
 
 
-def test_pause_keep_freezes_streams_and_resume_gives_the_same_tokens(engine):
+def test_pause_keep_freezes_streams_and_resume_gives_the_same_tokens(control_engine):
     async def run():
-        async with AsyncClient(engine.addresses[0]) as client, AsyncClient(engine.addresses[1]) as other:
+        async with AsyncClient(control_engine.addresses[0]) as client, AsyncClient(control_engine.addresses[1]) as other:
             reference = Stream(client, **long_request(1, max_tokens=60))
             await reference.task
             paused = Stream(client, **long_request(1, max_tokens=60))
@@ -106,9 +78,9 @@ def test_pause_keep_freezes_streams_and_resume_gives_the_same_tokens(engine):
     assert max(b - a for a, b in zip(paused.times, paused.times[1:])) >= 0.9
 
 
-def test_pause_wait_returns_after_running_requests_finish(engine):
+def test_pause_wait_returns_after_running_requests_finish(control_engine):
     async def run():
-        async with AsyncClient(engine.addresses[1]) as client:
+        async with AsyncClient(control_engine.addresses[1]) as client:
             streams = [Stream(client, **long_request(i, max_tokens=30)) for i in range(3)]
             await _until(lambda: all(s.outputs for s in streams))
             state = await client.pause("wait")
@@ -120,9 +92,9 @@ def test_pause_wait_returns_after_running_requests_finish(engine):
     assert finished == ["length"] * 3
 
 
-def test_resume_cancels_a_pending_pause_wait(engine):
+def test_resume_cancels_a_pending_pause_wait(control_engine):
     async def run():
-        async with AsyncClient(engine.addresses[0]) as client, AsyncClient(engine.addresses[1]) as other:
+        async with AsyncClient(control_engine.addresses[0]) as client, AsyncClient(control_engine.addresses[1]) as other:
             stream = Stream(client, **long_request(5, max_tokens=300))
             await _until(lambda: stream.outputs)
             pending = asyncio.create_task(client.pause("wait"))
@@ -138,9 +110,9 @@ def test_resume_cancels_a_pending_pause_wait(engine):
     assert stream.final.finish_reason == "abort"
 
 
-def test_abort_by_user_id_from_another_frontend_and_abort_all(engine):
+def test_abort_by_user_id_from_another_frontend_and_abort_all(control_engine):
     async def run():
-        async with AsyncClient(engine.addresses[0]) as client, AsyncClient(engine.addresses[1]) as other:
+        async with AsyncClient(control_engine.addresses[0]) as client, AsyncClient(control_engine.addresses[1]) as other:
             twins = [Stream(client, **long_request(7)) for _ in range(2)]
             single = Stream(other, **long_request(8))
             await _until(lambda: all(s.outputs for s in twins + [single]))
@@ -174,9 +146,9 @@ def test_requests_while_paused_are_rejected_with_the_reject_policy(tiny_models):
     assert outputs[-1].finish_reason == "length"
 
 
-def test_pause_wait_completes_when_its_last_request_is_aborted(engine):
+def test_pause_wait_completes_when_its_last_request_is_aborted(control_engine):
     async def run():
-        async with AsyncClient(engine.addresses[0]) as client:
+        async with AsyncClient(control_engine.addresses[0]) as client:
             stream = Stream(client, **long_request(11, max_tokens=2000))
             await _until(lambda: stream.outputs)
             pending = asyncio.create_task(client.pause("wait"))
@@ -217,9 +189,9 @@ def test_pause_keep_freezes_a_long_chunked_prefill(tiny_models):
     assert paused.tokens == greedy_tokens(model, prompt_ids, 8) and paused.final.finish_reason == "length"
 
 
-def test_a_request_without_an_id_is_aborted_by_the_id_its_outputs_show(engine):
+def test_a_request_without_an_id_is_aborted_by_the_id_its_outputs_show(control_engine):
     async def run():
-        async with AsyncClient(engine.addresses[0]) as client:
+        async with AsyncClient(control_engine.addresses[0]) as client:
             stream = Stream(client, prompt="Anonymous", max_tokens=2000, ignore_eos=True)
             await _until(lambda: stream.outputs)
             result = await client.abort([stream.outputs[0].request_id])

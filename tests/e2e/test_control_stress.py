@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from frontend.client import AsyncClient, EngineDeadError, EnginePausedError, UtilityError
+from frontend.client import AsyncClient, EngineDeadError, UtilityError
 from tests.e2e.engine import start_engine
+from tests.e2e.streams import Stream
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -26,57 +27,6 @@ NUM_OPS = 200
 # The errors a pause may answer when calls race: a pause of another mode is already pending or in
 # force, or a resume cancelled a pending pause(wait).
 ACCEPTED_PAUSE_ERRORS = ("already", "cancelled by resume")
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_models):
-    engine = start_engine(tiny_models["llama"], "--max-num-seqs", "8", frontends=2)
-    yield engine
-    engine.stop()
-
-
-class Stream:
-    """A request consumed in the background: its outputs, when each arrived, and how it ended.
-
-    `leave_after` outputs, the consumer leaves the loop early (the request is cancelled); a
-    cancelled task stops as well. Either way the stream is `left` and need not end."""
-
-    def __init__(self, client: AsyncClient, leave_after: int | None = None, **request) -> None:
-        self.request = request
-        self.leave_after = leave_after
-        self.outputs: list = []
-        self.times: list[float] = []
-        self.error: Exception | None = None
-        self.left = False
-        self.task = asyncio.create_task(self._consume(client.generate(**request)))
-
-    async def _consume(self, stream) -> None:
-        try:
-            async with contextlib.aclosing(stream):
-                async for output in stream:
-                    self.outputs.append(output)
-                    self.times.append(time.monotonic())
-                    if len(self.outputs) == self.leave_after and not output.finished:
-                        self.left = True
-                        break
-        except (EnginePausedError, EngineDeadError) as error:
-            self.error = error
-
-    def cancel(self) -> None:
-        self.left = True
-        self.task.cancel()
-
-    @property
-    def request_id(self) -> str:
-        return self.request["request_id"]
-
-    @property
-    def tokens(self) -> list[int]:
-        return [t for o in self.outputs for t in o.token_ids]
-
-    @property
-    def final(self):
-        return self.outputs[-1]
 
 
 async def _within(awaitable, what: str, timeout: float = OP_DEADLINE_S):
@@ -97,7 +47,7 @@ async def _until_idle(client: AsyncClient, timeout: float = 30.0):
         state = await _within(client.get_state(), "get_state")
         if state.num_running == state.num_waiting == state.num_held == state.num_frozen == 0:
             return state
-        assert time.monotonic() < deadline, f"the engine did not become idle: {state}"
+        assert time.monotonic() < deadline, f"the control_engine did not become idle: {state}"
         await asyncio.sleep(0.05)
 
 
@@ -210,9 +160,9 @@ async def _nothing() -> str:
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_random_interleavings_never_hang_and_give_every_block_back(engine, seed):
+def test_random_interleavings_never_hang_and_give_every_block_back(control_engine, seed):
     async def run():
-        clients = [AsyncClient(address) for address in engine.addresses for _ in range(2)]
+        clients = [AsyncClient(address) for address in control_engine.addresses for _ in range(2)]
         async with contextlib.AsyncExitStack() as stack:
             for client in clients:
                 await stack.enter_async_context(client)
@@ -247,9 +197,9 @@ def test_random_interleavings_never_hang_and_give_every_block_back(engine, seed)
 
 
 @pytest.mark.parametrize("mode", ["wait", "keep"])
-def test_a_second_pause_while_paused_in_the_same_mode_answers_at_once(engine, mode):
+def test_a_second_pause_while_paused_in_the_same_mode_answers_at_once(control_engine, mode):
     async def run():
-        async with AsyncClient(engine.addresses[0]) as client:
+        async with AsyncClient(control_engine.addresses[0]) as client:
             try:
                 first = await _within(client.pause(mode), "the first pause")
                 second = await _within(client.pause(mode, timeout=3.0), "the second pause")
@@ -268,9 +218,9 @@ def _burst_request(i: int) -> dict:
 
 
 @pytest.mark.parametrize("call", ["abort_all", "pause_abort"])
-def test_a_burst_then_abort_leaves_no_output_after_the_call_returned(engine, call):
+def test_a_burst_then_abort_leaves_no_output_after_the_call_returned(control_engine, call):
     async def run():
-        async with AsyncClient(engine.addresses[0]) as client:
+        async with AsyncClient(control_engine.addresses[0]) as client:
             streams = [Stream(client, **_burst_request(i)) for i in range(30)]
             # A task starts after the streams' tasks: the requests go out first, on the same socket.
             control = client.abort_all() if call == "abort_all" else client.pause("abort")
