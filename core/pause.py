@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 PauseMode = Literal["abort", "wait", "keep"]
-PAUSE_MODES = ("abort", "wait", "keep")
 
 
 @dataclass(frozen=True)

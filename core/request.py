@@ -1,7 +1,6 @@
 """The core's view of one request: its tokens, how far their KV is computed, its blocks."""
 
 import enum
-import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -28,7 +27,6 @@ class Request:
     stop_token_ids: frozenset[int]
     all_token_ids: list[int]
     num_prompt_tokens: int
-    arrival_time: float = field(default_factory=time.monotonic)
     status: Status = Status.WAITING
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0

@@ -51,10 +51,6 @@ class Scheduler:
         self._finished_outputs: list[RoutedOutput] = []
         self._next_step_id = 0
 
-    @property
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def add(self, request: Request) -> None:
         request.block_hashes = self._hashes(request, 0, None)
         self._track(request)

@@ -34,7 +34,6 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return self.temperature == 0.0
 
 
-SAMPLING_FIELDS = frozenset(SamplingParams.__struct_fields__)
 MAX_LOGPROBS = 20
 
 

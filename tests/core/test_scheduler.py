@@ -72,7 +72,7 @@ def test_finish_by_length_and_stop_token_frees_blocks():
     _, outputs = run_step(scheduler, token=5)
     reasons = {o.request_id: o.finish_reason for _, o in outputs}
     assert reasons == {"a": "length", "b": "stop"}
-    assert scheduler.pool.num_free == 16 and not scheduler.has_work
+    assert scheduler.pool.num_free == 16 and not scheduler.running and not scheduler.waiting
     step = None
     add(scheduler, "c", range(3))
     step = scheduler.schedule()
