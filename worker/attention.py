@@ -127,22 +127,28 @@ def paged_attention(
     attn_meta: AttentionMetadata | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """`query` `[1, H, T, D]`, `key`/`value` `[1, Hkv, T, D]` -> `[1, T, H, D]` (transformers' layout)."""
+    """transformers' seam: `query` `[1, H, T, D]`, `key`/`value` `[1, Hkv, T, D]` -> `[1, T, H, D]`."""
     if attn_meta is None:
         raise ValueError(f"{ATTENTION_NAME} attention needs attn_meta=AttentionMetadata(...)")
-    k_cache, v_cache = attn_meta.kv_cache.layer(module.layer_idx)
-    # [1, Hkv, T, D] -> [T, Hkv, D], the cache's row layout
-    k_new, v_new = key[0].transpose(0, 1), value[0].transpose(0, 1)
-    k_cache.index_copy_(0, attn_meta.slot_mapping, k_new)
-    v_cache.index_copy_(0, attn_meta.slot_mapping, v_new)
+    # [1, heads, T, D] -> [T, heads, D], the cache's row layout
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    return attend(module.layer_idx, q, k, v, attn_meta, scaling)[None], None
 
-    q = query[0].transpose(0, 1)  # [T, H, D]
-    out = torch.empty_like(q)
-    if len(attn_meta.decode_tokens):
-        _decode(q, out, k_cache, v_cache, attn_meta, scaling)
-    for chunk in attn_meta.prefills:
-        _prefill(q, out, (k_new, v_new), (k_cache, v_cache), chunk, scaling)
-    return out[None], None
+
+def attend(
+    layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, scaling: float | None
+) -> torch.Tensor:
+    """Write this step's `k`, `v` `[T, Hkv, D]` into layer `layer_idx`'s cache, then attend with
+    `q` `[T, H, D]` over each sequence's context; returns `[T, H, D]`."""
+    k_cache, v_cache = meta.kv_cache.layer(layer_idx)
+    k_cache.index_copy_(0, meta.slot_mapping, k)
+    v_cache.index_copy_(0, meta.slot_mapping, v)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if len(meta.decode_tokens):
+        _decode(q, out, k_cache, v_cache, meta, scaling)
+    for chunk in meta.prefills:
+        _prefill(q, out, (k, v), (k_cache, v_cache), chunk, scaling)
+    return out
 
 
 def _decode(q, out, k_cache, v_cache, meta: AttentionMetadata, scaling) -> None:

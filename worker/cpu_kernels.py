@@ -3,8 +3,8 @@
 Plain C against raw data pointers compiles in about a second (torch's C++ headers would take a
 minute). The shared object is cached under `$ZEROSERVE_CACHE/kernels/`, named by a hash of its
 source, flags and CPU, so an edit or another machine's cache never loads a stale or foreign build.
-Without a compiler, or when the build fails, `load_paged_decode()` warns once and returns None and
-the caller keeps its torch path.
+Without a compiler, or when the build fails, `load_paged_decode()` and `load_rms_norm()` warn
+once and return None, and their callers keep the torch path.
 """
 
 import ctypes
@@ -13,6 +13,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -23,10 +24,13 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paged_decode.c")
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.c")
 # No -ffast-math: it would let the compiler reorder sums beyond SDPA's rounding; the vector
 # reductions come from `omp simd` in the source instead.
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC")
+# The vector expf the source declares on x86-64 glibc lives in libmvec.
+LIBS = ("-lm", "-lmvec") if platform.machine() == "x86_64" and platform.libc_ver()[0] == "glibc" else ("-lm",)
+_RMS_NORM_ARGTYPES = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
 _ARGTYPES = (
     [ctypes.c_void_p] * 6  # q, k_cache, v_cache, block_tables, context_lens, out
     + [ctypes.c_int64] * 6  # num_seqs, num_heads, num_kv_heads, head_dim, max_blocks, block_size
@@ -83,19 +87,55 @@ def _check_inputs(q, k_cache, v_cache, block_tables, context_lens, out) -> None:
             raise ValueError(f"{name} must be a contiguous int64 CPU tensor with one row per query")
 
 
+@dataclass(frozen=True)
+class RMSNormKernel:
+    """The loaded `rms_norm` C function."""
+
+    fn: Callable[..., None]
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """transformers' RMSNorm of each row of `x` `[..., hidden]`."""
+        if not fits_kernel(x, weight) or x.shape[-1:] != weight.shape:
+            raise ValueError(f"rms_norm needs contiguous fp32 CPU x [..., {weight.shape[0]}] and weight, got {x.shape}")
+        out = torch.empty_like(x)
+        rows = x.numel() // weight.shape[0]
+        self.fn(x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, weight.shape[0], eps, torch.get_num_threads())
+        return out
+
+
 @functools.cache
 def load_paged_decode() -> PagedDecode | None:
-    """The kernel, built on first use; None (one warning per process) when it cannot be built."""
-    try:
-        lib = ctypes.CDLL(_built_library())
-    except (OSError, subprocess.CalledProcessError, FileNotFoundError) as err:
-        detail = getattr(err, "stderr", None) or err
-        logger.warning("paged decode kernel unavailable, using the torch path: %s", detail)
+    """The decode attention kernel, built on first use; None when it cannot be built."""
+    lib = _library()
+    if lib is None:
         return None
     fn = lib.paged_decode_attention
     fn.argtypes = _ARGTYPES
     fn.restype = ctypes.c_int
     return PagedDecode(fn)
+
+
+@functools.cache
+def load_rms_norm() -> RMSNormKernel | None:
+    """The RMSNorm kernel, built on first use; None when it cannot be built."""
+    lib = _library()
+    if lib is None:
+        return None
+    fn = lib.rms_norm
+    fn.argtypes = _RMS_NORM_ARGTYPES
+    fn.restype = None
+    return RMSNormKernel(fn)
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The kernels' shared object, built on first use; None (one warning per process) when it cannot be."""
+    try:
+        return ctypes.CDLL(_built_library())
+    except (OSError, subprocess.CalledProcessError, FileNotFoundError) as err:
+        detail = getattr(err, "stderr", None) or err
+        logger.warning("CPU kernels unavailable, using the torch path: %s", detail)
+        return None
 
 
 def _built_library() -> str:
@@ -105,9 +145,9 @@ def _built_library() -> str:
         raise FileNotFoundError("no C compiler (cc or gcc) on PATH")
     with open(SOURCE, "rb") as f:
         source = f.read()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(), _cpu_flags()]))
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS + LIBS).encode(), compiler.encode(), _cpu_flags()]))
     folder = os.path.join(_cache_root(), "kernels")
-    target = os.path.join(folder, f"paged_decode-{key.hexdigest()[:16]}.so")
+    target = os.path.join(folder, f"cpu_kernels-{key.hexdigest()[:16]}.so")
     if os.path.exists(target):
         return target
     os.makedirs(folder, exist_ok=True)
@@ -120,10 +160,10 @@ def _built_library() -> str:
 
 
 def _compile(compiler: str, target: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".paged_decode-", suffix=".so", dir=os.path.dirname(target))
+    fd, tmp = tempfile.mkstemp(prefix=".cpu_kernels-", suffix=".so", dir=os.path.dirname(target))
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, "-o", tmp, SOURCE, "-lm"], check=True, capture_output=True, text=True)
+        subprocess.run([compiler, *FLAGS, "-o", tmp, SOURCE, *LIBS], check=True, capture_output=True, text=True)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

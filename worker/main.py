@@ -58,7 +58,8 @@ def _start(config: EngineConfig, rank: int) -> tuple[ModelRunner, WorkerReady]:
     shape = kv_shape(model_config, tp_size)
     kv_cache = allocate_kv_cache(num_blocks, config.block_size, shape, dtype, device)
     max_len = max_model_len_for(config.max_model_len, model_config, num_blocks, config.block_size)
-    runner = ModelRunner(model, kv_cache, device, is_driver=rank == 0)
+    # transformers shards the model for tensor parallelism; the native forward runs one rank.
+    runner = ModelRunner(model, kv_cache, device, is_driver=rank == 0, native=tp_size == 1)
     return runner, WorkerReady(rank=rank, num_kv_blocks=num_blocks, max_model_len=max_len)
 
 

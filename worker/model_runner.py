@@ -1,6 +1,9 @@
 """Runs one `StepPlan`: update the rows, build the packed batch, forward, sample, answer.
 
-    plan -> BatchState.apply -> BatchState.build -> model(..., attn_meta=meta) -> sample -> StepResult
+    plan -> BatchState.apply -> BatchState.build -> forward -> sample -> StepResult
+
+The forward is `worker.llama`'s native one where it supports the model, else transformers'
+`model(..., attn_meta=meta)`; both reach the same paged attention (`worker.attention`).
 
 Only the driver rank (rank 0) samples and builds a result; every rank runs the forward.
 """
@@ -13,14 +16,19 @@ from protocol.step import StepPlan, StepResult
 from worker.attention import build_metadata
 from worker.batch import BatchState, StepInputs
 from worker.kv_cache import KVCache
+from worker.llama import NativeLlama, native_model
 from worker.sampler import SampleRow, compute_logprobs, sample
 
 logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, device: torch.device, is_driver: bool = True) -> None:
+    def __init__(
+        self, model: torch.nn.Module, kv_cache: KVCache, device: torch.device, is_driver: bool = True, native: bool = True
+    ) -> None:
+        """`native`: run `worker.llama`'s forward where it supports the model (one rank only)."""
         self.model = model
+        self.native: NativeLlama | None = native_model(model) if native else None
         self.kv_cache = kv_cache
         self.is_driver = is_driver
         self.batch = BatchState(kv_cache.block_size, device)
@@ -47,6 +55,8 @@ class ModelRunner:
             inputs.context_lens,
             inputs.block_tables,
         )
+        if self.native is not None:
+            return self.native.forward(inputs.input_ids, inputs.positions, meta, inputs.sample_indices)
         output = self.model(
             input_ids=inputs.input_ids[None],
             position_ids=inputs.positions[None],

@@ -5,34 +5,43 @@ import torch
 import transformers
 
 from protocol.messages import SamplingParams
+from worker.llama import WEIGHT_STATIONARY_MAX_ROWS
 from tests.worker.worker_testutil import Req, ToyCore, make_runner, prompt, reference_generate
 
 MAX_NEW = 6
 
 
-def check_greedy(folder: str, reqs: list[Req]) -> None:
-    done = ToyCore(make_runner(folder)).run(reqs)
+def check_greedy(folder: str, reqs: list[Req], native: bool = True) -> None:
+    done = ToyCore(make_runner(folder, native=native)).run(reqs)
     for r in reqs:
         assert done[r.id].output == reference_generate(folder, r.prompt, r.max_new), r.id
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "transformers"])
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
-def test_batch_of_prompts_matches_generate(kind, request):
+def test_batch_of_prompts_matches_generate(kind, native, request):
     folder = request.getfixturevalue(f"{kind}_folder")
-    check_greedy(folder, [Req(f"r{i}", prompt(i, n), MAX_NEW) for i, n in enumerate([3, 9, 17, 1])])
+    check_greedy(folder, [Req(f"r{i}", prompt(i, n), MAX_NEW) for i, n in enumerate([3, 9, 17, 1])], native)
 
 
-def test_chunked_prefill_across_steps(llama_folder):
-    check_greedy(llama_folder, [Req("long", prompt(7, 23), MAX_NEW, chunk=5)])
+def test_a_prefill_of_more_rows_than_the_weight_stationary_form_takes(llama_folder):
+    assert WEIGHT_STATIONARY_MAX_ROWS < 150
+    check_greedy(llama_folder, [Req("long", prompt(9, 150), MAX_NEW), Req("short", prompt(10, 4), MAX_NEW)])
 
 
-def test_decodes_mixed_with_prefill_chunks(llama_folder):
+@pytest.mark.parametrize("native", [True, False], ids=["native", "transformers"])
+def test_chunked_prefill_across_steps(llama_folder, native):
+    check_greedy(llama_folder, [Req("long", prompt(7, 23), MAX_NEW, chunk=5)], native)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "transformers"])
+def test_decodes_mixed_with_prefill_chunks(llama_folder, native):
     reqs = [
         Req("early", prompt(1, 6), 10),
         Req("late", prompt(2, 19), MAX_NEW, chunk=7, arrival=3),  # chunks run beside "early"'s decodes
         Req("later", prompt(3, 5), MAX_NEW, arrival=4),
     ]
-    check_greedy(llama_folder, reqs)
+    check_greedy(llama_folder, reqs, native)
 
 
 def test_prefix_shared_through_block_ids(llama_folder):
@@ -58,3 +67,22 @@ def test_logprobs_equal_log_softmax_of_transformers_logits(llama_folder):
         top = expected[i].topk(3)
         assert lp.top_token_ids[0] == top.indices.tolist()
         assert lp.top_logprobs[0] == pytest.approx(top.values.tolist(), abs=1e-4)
+
+
+def test_native_forward_reads_the_hf_parameters_after_an_in_place_update(llama_folder):
+    """Q/K/V and gate/up are fused; the HF parameters are views of the fused tensors, so a weight
+    update written into them (`param.copy_`) reaches both forwards alike."""
+    runner = make_runner(llama_folder)
+    assert runner.native is not None
+    layer = runner.model.model.layers[0]
+    fused = runner.native.layers[0]
+    for param, whole in [(layer.self_attn.v_proj.weight, fused.qkv.weight), (layer.mlp.up_proj.weight, fused.gate_up.weight)]:
+        assert param.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr()
+    with torch.no_grad():
+        layer.self_attn.q_proj.weight.copy_(torch.randn_like(layer.self_attn.q_proj.weight))
+        layer.mlp.gate_proj.weight.mul_(-3.0)
+    reqs = [Req(f"r{i}", prompt(i, n), MAX_NEW) for i, n in enumerate([5, 12])]
+    native = ToyCore(runner).run(reqs)
+    runner.native = None
+    hf = ToyCore(runner).run([Req(r.id, r.prompt, r.max_new) for r in reqs])
+    assert [native[r.id].output for r in reqs] == [hf[r.id].output for r in reqs]

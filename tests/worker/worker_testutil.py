@@ -29,12 +29,15 @@ def tiny_model(kind: str, folder: str) -> str:
     return str(save_tiny_model(CONFIGS[kind](), Path(folder)))
 
 
-def make_runner(folder: str, num_blocks: int = 256, tp_size: int = 1, is_driver: bool = True) -> ModelRunner:
+def make_runner(
+    folder: str, num_blocks: int = 256, tp_size: int = 1, is_driver: bool = True, native: bool | None = None
+) -> ModelRunner:
+    """`native` defaults to what the worker does: the native forward on one rank only."""
     device = torch.device("cpu")
     model = load_model(folder, device, torch.float32, tp_size)
     shape = kv_shape(model.config, tp_size)
     kv_cache = allocate_kv_cache(num_blocks, BLOCK_SIZE, shape, torch.float32, device)
-    return ModelRunner(model, kv_cache, device, is_driver=is_driver)
+    return ModelRunner(model, kv_cache, device, is_driver=is_driver, native=tp_size == 1 if native is None else native)
 
 
 def reference_generate(folder: str, prompt: list[int], max_new_tokens: int) -> list[int]:

@@ -1,4 +1,5 @@
-"""The C paged decode kernel against SDPA over gathered rows, and its fallback to the torch path."""
+"""The C kernels (paged decode against SDPA over gathered rows, RMSNorm against transformers') and
+their fallback to the torch path."""
 
 import logging
 from pathlib import Path
@@ -6,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from worker import attention, cpu_kernels
 from worker.attention import build_metadata, paged_attention
@@ -24,6 +27,20 @@ def kernel() -> cpu_kernels.PagedDecode:
     if loaded is None:
         pytest.skip("no C compiler: the kernel falls back to the torch path")
     return loaded
+
+
+@pytest.mark.parametrize("rows, hidden", [(1, 576), (7, 64), (300, 576)])  # 300 x 576: several threads
+def test_rms_norm_equals_transformers(rows, hidden):
+    kernel = cpu_kernels.load_rms_norm()
+    if kernel is None:
+        pytest.skip("no C compiler: RMSNorm falls back to torch")
+    g = torch.Generator().manual_seed(rows)
+    reference = LlamaRMSNorm(hidden, eps=1e-5)
+    with torch.no_grad():
+        reference.weight.copy_(torch.randn(hidden, generator=g))
+    x = torch.randn(rows, hidden, generator=g) * 3
+    ours = kernel(x, reference.weight.detach(), 1e-5)
+    assert (ours - reference(x).detach()).abs().max().item() <= 1e-5
 
 
 def random_tables(lens: list[int], generator: torch.Generator) -> torch.Tensor:
@@ -105,17 +122,23 @@ def test_kernel_path_equals_torch_path(kernel, monkeypatch):
     assert (fast - slow).abs().max().item() <= 1e-5
 
 
+def clear_loaders() -> None:
+    for loader in (cpu_kernels._library, cpu_kernels.load_paged_decode, cpu_kernels.load_rms_norm):
+        loader.cache_clear()
+
+
 def test_no_compiler_warns_once_and_falls_back(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("ZEROSERVE_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    cpu_kernels.load_paged_decode.cache_clear()
+    clear_loaders()
     try:
         with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
             assert cpu_kernels.load_paged_decode() is None
+            assert cpu_kernels.load_rms_norm() is None
             assert cpu_kernels.load_paged_decode() is None
     finally:
-        cpu_kernels.load_paged_decode.cache_clear()
-    assert [r.message.startswith("paged decode kernel unavailable") for r in caplog.records] == [True]
+        clear_loaders()
+    assert [r.message.startswith("CPU kernels unavailable") for r in caplog.records] == [True]
 
 
 def test_build_is_cached_and_leaves_no_temporaries(kernel, tmp_path, monkeypatch):

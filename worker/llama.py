@@ -1,0 +1,169 @@
+"""A native forward for Llama-family decoders (Llama, Mistral, Qwen2, Qwen3, SmolLM) on one worker.
+
+It runs on the HF model's own parameters, so loading, GGUF conversion and every later weight
+update stay transformers' business. Against `model(...)` it saves what is neither a matmul nor
+attention: per-module Python, and the elementwise kernels that allocate a new tensor each
+(rotate_half's cat, RMSNorm's casts, act(gate) * up). The MLP's activation runs in place on
+the gate/up output, the final norm and the LM head only see the rows that sample.
+
+Q/K/V and gate/up are fused into one projection each. The HF parameters are then re-pointed
+at row slices of the fused tensors, so memory is not doubled and an in-place weight update
+(`param.copy_`) reaches both forwards.
+
+transformers' path (`model(..., attn_meta=meta)`) still serves everything else: tensor
+parallelism, other architectures and activations.
+"""
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from worker.attention import AttentionMetadata, attend
+from worker.cpu_kernels import RMSNormKernel, fits_kernel, load_rms_norm
+
+logger = logging.getLogger(__name__)
+
+MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+# Up to this many rows, `weight @ x.T` beats `x @ weight.T` (MKL, SmolLM2 at 32 rows: decode
+# steps 14% faster); its result is a transposed view, which makes large prefills' elementwise
+# kernels slower, so big batches keep the usual form.
+WEIGHT_STATIONARY_MAX_ROWS = 128
+
+
+@dataclass
+class RMSNorm:
+    weight: torch.Tensor
+    eps: float
+    kernel: RMSNormKernel | None  # the C kernel, for fp32 CPU weights
+
+    @classmethod
+    def of(cls, module: torch.nn.Module) -> "RMSNorm":
+        kernel = load_rms_norm() if fits_kernel(module.weight) else None
+        return cls(module.weight, module.variance_epsilon, kernel)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None and x.is_contiguous():
+            return self.kernel(x, self.weight, self.eps)
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+@dataclass
+class Projection:
+    """One linear layer over the rows of `weight` `[out, in]` (and `bias`)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    @classmethod
+    def fused(cls, modules: list[torch.nn.Linear]) -> "Projection":
+        """One projection for several that read the same input; the modules' parameters become
+        views of its rows."""
+        weight = torch.cat([m.weight.detach() for m in modules])
+        has_bias = [m.bias is not None for m in modules]
+        if any(has_bias) and not all(has_bias):
+            raise ValueError("cannot fuse projections where only some have a bias")
+        bias = torch.cat([m.bias.detach() for m in modules]) if all(has_bias) else None
+        start = 0
+        for module in modules:
+            rows = slice(start, start + module.weight.shape[0])
+            module.weight.data = weight[rows]
+            if bias is not None:
+                module.bias.data = bias[rows]
+            start = rows.stop
+        return cls(weight, bias)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` `[T, in]` -> `[T, out]`, possibly a transposed view (see WEIGHT_STATIONARY_MAX_ROWS)."""
+        if len(x) > WEIGHT_STATIONARY_MAX_ROWS:
+            return F.linear(x, self.weight, self.bias)
+        if self.bias is None:
+            return torch.mm(self.weight, x.t()).t()
+        return torch.addmm(self.bias[:, None], self.weight, x.t()).t()
+
+
+class DecoderLayer:
+    def __init__(self, layer: torch.nn.Module, layer_idx: int) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        self.layer_idx = layer_idx
+        self.input_norm = RMSNorm.of(layer.input_layernorm)
+        self.post_attention_norm = RMSNorm.of(layer.post_attention_layernorm)
+        self.qkv = Projection.fused([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.o = Projection(attn.o_proj.weight, attn.o_proj.bias)
+        self.q_norm = RMSNorm.of(attn.q_norm) if hasattr(attn, "q_norm") else None  # Qwen3
+        self.k_norm = RMSNorm.of(attn.k_norm) if hasattr(attn, "k_norm") else None
+        self.gate_up = Projection.fused([mlp.gate_proj, mlp.up_proj])
+        self.down = Projection(mlp.down_proj.weight, mlp.down_proj.bias)
+        self.head_dim = attn.head_dim
+        self.num_heads = attn.q_proj.weight.shape[0] // self.head_dim
+        self.num_kv_heads = attn.k_proj.weight.shape[0] // self.head_dim
+        self.scaling = attn.scaling
+
+    def __call__(self, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        """`hidden` `[T, hidden]` is updated in place (each sub-block adds to its residual)."""
+        hidden += self._attention(self.input_norm(hidden), rotary, meta)
+        hidden += self._mlp(self.post_attention_norm(hidden))
+        return hidden
+
+    def _attention(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        qkv = self.qkv(x).view(len(x), self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        out = attend(self.layer_idx, q, k, v, meta, self.scaling)
+        return self.o(out.view(len(x), -1))
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate, inplace=True).mul_(up))
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on `x` `[T, heads, D]` with `cos`/`sin` `[T, 1, D/2]`: the same products and sums as
+    transformers' `x * cos + rotate_half(x) * sin`, without building rotate_half."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class NativeLlama:
+    """`forward(input_ids, positions, meta, sample_indices)` -> logits `[S, V]` of the sampling rows."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        base = model.model
+        self.embed_tokens = base.embed_tokens.weight
+        self.rotary_emb = base.rotary_emb  # transformers' RoPE, with every scaling type it knows
+        self.layers = [DecoderLayer(layer, i) for i, layer in enumerate(base.layers)]
+        self.norm = RMSNorm.of(base.norm)
+        self.lm_head = Projection(model.lm_head.weight, None)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, sample_indices: torch.Tensor
+    ) -> torch.Tensor:
+        hidden = F.embedding(input_ids, self.embed_tokens)
+        rotary = self._rotary(hidden, positions)
+        for layer in self.layers:
+            hidden = layer(hidden, rotary, meta)
+        return self.lm_head(self.norm(hidden[sample_indices])).contiguous()
+
+    def _rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin `[T, 1, D/2]`: transformers' `[.., D]` tables repeat their first half."""
+        cos, sin = self.rotary_emb(hidden, positions[None])
+        half = cos.shape[-1] // 2
+        return cos[0, :, None, :half], sin[0, :, None, :half]
+
+
+def native_model(model: torch.nn.Module) -> NativeLlama | None:
+    """The native forward for `model`, or None (with the reason logged) where transformers' serves."""
+    config = model.config
+    reason = None
+    if config.model_type not in MODEL_TYPES:
+        reason = f"model type {config.model_type!r}"
+    elif getattr(config, "hidden_act", "silu") != "silu":
+        reason = f"activation {config.hidden_act!r}"
+    if reason is not None:
+        logger.info("%s: no native forward, serving with transformers' forward", reason)
+        return None
+    logger.info("native forward for %s (%d layers)", config.model_type, config.num_hidden_layers)
+    return NativeLlama(model)
