@@ -21,6 +21,8 @@ from core.scheduler import RoutedOutput, Scheduler
 from core.utility import error_result, run_utility
 from core.workers import WorkerDiedError, WorkerGroup
 from protocol.messages import (
+    AbortFence,
+    AbortFenceAck,
     AbortRequests,
     AddRequest,
     CoreInput,
@@ -58,7 +60,9 @@ class EngineLoop:
         self.ready = ready
         self.reject_while_paused = reject_while_paused
         self.pause = PauseState()
-        self.frontend_pids: dict[int, int] = {}
+        self.frontend_pids: dict[int, int] = {}  # client_index -> pid (0: not watched)
+        self.fences: dict[int, int] = {}  # client_index -> the AbortFence it has not acknowledged
+        self.next_fence_id = 0
         self.next_frontend_check = 0.0
         self.step_in_flight = False
         self.running = True
@@ -141,10 +145,12 @@ class EngineLoop:
                 self.emit(self.scheduler.take_finished_outputs())
                 if result is not None:
                     self.output.send(message.client_index, result)
+            case AbortFenceAck(client_index=client_index, fence_id=fence_id):
+                if self.fences.get(client_index) == fence_id:
+                    del self.fences[client_index]
             case FrontendHello():
                 logger.info("frontend %d connected (pid %d)", message.client_index, message.pid)
-                if message.pid:
-                    self.frontend_pids[message.client_index] = message.pid
+                self.frontend_pids[message.client_index] = message.pid
                 self.output.send(message.client_index, self.ready)
             case StepResult():
                 logger.error("dropped the result of step %d: no step is in flight", message.step_id)
@@ -155,10 +161,22 @@ class EngineLoop:
         if problem:
             logger.warning("rejected request %s: %s", message.request_id, problem)
             self.scheduler.reject(request, problem)
+        elif message.client_index in self.fences:
+            # Sent before its frontend learned that everything was aborted: aborted like the rest.
+            self.scheduler.add(request)
+            self.scheduler.abort([request.request_id])
         elif self.reject_while_paused and not self.pause.admits_new:
             self.scheduler.reject(request, f"the engine is {self.pause.status}: retry after resume", "paused")
         else:
             self.scheduler.add(request)
+
+    def fence_frontends(self) -> None:
+        """After aborting everything: requests still on their way from any frontend are aborted
+        when they arrive, until that frontend acknowledges the fence (see `AbortFence`)."""
+        self.next_fence_id += 1
+        for client_index in self.frontend_pids:
+            self.fences[client_index] = self.next_fence_id
+            self.output.send(client_index, AbortFence(self.next_fence_id))
 
     def check_frontends(self) -> None:
         """A dead frontend does not take the core down: its requests are aborted and their
@@ -168,8 +186,9 @@ class EngineLoop:
             return
         self.next_frontend_check = now + FRONTEND_CHECK_S
         for client_index, pid in list(self.frontend_pids.items()):
-            if not pid_alive(pid):
+            if pid and not pid_alive(pid):
                 del self.frontend_pids[client_index]
+                self.fences.pop(client_index, None)
                 aborted = self.scheduler.abort_frontend(client_index)
                 self.scheduler.take_finished_outputs()  # nobody is left to read them
                 self.settle_pause()

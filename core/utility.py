@@ -44,6 +44,7 @@ def pause(engine: "EngineLoop", args: PauseArgs, call: UtilityCall) -> Any:
         raise UtilityError(f"the engine is already {state.status} ({state.mode}): resume before pause({args.mode})")
     if args.mode == "abort":
         engine.scheduler.abort_all()
+        engine.fence_frontends()
         state.status, state.mode = "pausing", "abort"
     else:
         state.begin(args.mode)
@@ -64,7 +65,9 @@ def abort(engine: "EngineLoop", args: AbortArgs, call: UtilityCall) -> AbortResu
 
 def abort_all(engine: "EngineLoop", args: NoArgs, call: UtilityCall) -> AbortResult:
     user_ids = [r.user_request_id for r in engine.scheduler.requests.values()]
-    return AbortResult(*engine.scheduler.abort_user_ids(user_ids))
+    result = AbortResult(*engine.scheduler.abort_user_ids(user_ids))
+    engine.fence_frontends()
+    return result
 
 
 UTILITIES: dict[str, tuple[Handler, type]] = {

@@ -23,6 +23,8 @@ from protocol.codec import Decoder, Encoder
 from protocol.config import EngineConfig
 from protocol.errors import EngineDeadError, error_from_kind
 from protocol.messages import (
+    AbortFence,
+    AbortFenceAck,
     AbortRequests,
     AddRequest,
     CoreMessage,
@@ -124,6 +126,9 @@ class CoreClient:
                     self._handler.on_outputs(outputs)
             case UtilityResult():
                 self._resolve(message)
+            case AbortFence(fence_id=fence_id):
+                # On the input socket after every request sent so far: the core aborts those on arrival.
+                self._send(AbortFenceAck(self.index, fence_id))
             case EngineReady():
                 logger.warning("ignored a second EngineReady from the core")
 

@@ -189,7 +189,15 @@ class UtilityCall(msgspec.Struct, tag="utility", array_like=True):
     args: bytes = b""
 
 
-CoreInput = FrontendHello | AddRequest | AbortRequests | UtilityCall
+class AbortFenceAck(msgspec.Struct, tag="fence_ack", array_like=True):
+    """A frontend's answer to `AbortFence`: the requests it sent before this one it had accepted
+    before it learned of the abort."""
+
+    client_index: int
+    fence_id: int
+
+
+CoreInput = FrontendHello | AddRequest | AbortRequests | UtilityCall | AbortFenceAck
 
 
 # ---- core -> frontend ---------------------------------------------------------------------
@@ -225,7 +233,15 @@ class UtilityResult(msgspec.Struct, tag="utility_result", array_like=True):
     error: Optional[str] = None
 
 
-CoreMessage = EngineReady | CoreOutputs | UtilityResult
+class AbortFence(msgspec.Struct, tag="abort_fence", array_like=True):
+    """Sent to every frontend when everything is aborted (`abort_all`, `pause(mode="abort")`).
+    A request that frontend sent before its `AbortFenceAck` was still on its way when the abort
+    ran: the core aborts it on arrival, so it never produces a token."""
+
+    fence_id: int
+
+
+CoreMessage = EngineReady | CoreOutputs | UtilityResult | AbortFence
 
 
 # ---- utility call arguments and results ---------------------------------------------------

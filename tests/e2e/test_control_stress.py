@@ -14,8 +14,22 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
+import zmq
+import zmq.asyncio
 
 from frontend.client import AsyncClient, EngineDeadError, UtilityError
+from protocol.codec import Decoder, Encoder
+from protocol.messages import (
+    AbortFence,
+    AbortFenceAck,
+    AddRequest,
+    CoreMessage,
+    CoreOutput,
+    CoreOutputs,
+    EngineReady,
+    FrontendHello,
+    SamplingParams,
+)
 from tests.e2e.engine import start_engine
 from tests.e2e.streams import Stream
 
@@ -245,6 +259,75 @@ def test_a_burst_then_abort_leaves_no_output_after_the_call_returned(control_eng
     assert late == []
     assert not any(returned_at < t < resumed_at for s in streams for t in s.times)
     assert state.num_free_blocks == state.num_total_blocks
+
+
+class RawFrontend:
+    """A frontend played by the test on the core's own sockets, to hold back its AbortFenceAck:
+    what a real frontend's requests look like while they are on their way to the core."""
+
+    INDEX = 9
+
+    def __init__(self, run_dir: str) -> None:
+        self.context = zmq.asyncio.Context()
+        identity = f"frontend-{self.INDEX}".encode()
+        self.output = self._socket(identity, os.path.join(run_dir, "core-output"))
+        self.input = self._socket(identity, os.path.join(run_dir, "core-input"))
+        self.encoder, self.decoder = Encoder(), Decoder(CoreMessage)
+
+    def _socket(self, identity: bytes, path: str) -> zmq.asyncio.Socket:
+        sock = self.context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, identity)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect("ipc://" + path)
+        return sock
+
+    async def send(self, message) -> None:
+        await self.input.send_multipart(self.encoder.encode(message))
+
+    async def receive(self, kind: type):
+        """The next message of `kind` (others, such as the fences of earlier tests, are skipped)."""
+        while True:
+            message = self.decoder.decode(await _within(self.output.recv_multipart(), f"a {kind.__name__}"))
+            if isinstance(message, kind):
+                return message
+
+    async def outputs_until_final(self, request_id: str) -> list[CoreOutput]:
+        outputs = []
+        while not outputs or outputs[-1].finish_reason is None:
+            batch = await self.receive(CoreOutputs)
+            outputs += [o for o in batch.outputs if o.request_id == request_id]
+        return outputs
+
+    def add(self, request_id: str) -> AddRequest:
+        sampling = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+        return AddRequest(request_id, request_id, self.INDEX, [5, 6, 7, 8], sampling)
+
+    def close(self) -> None:
+        self.context.destroy(linger=0)
+
+
+def test_requests_on_their_way_when_everything_is_aborted_are_aborted_on_arrival(control_engine):
+    """abort_all through frontend 0 fences every frontend: a request another frontend sent before
+    it acknowledged the fence is aborted on arrival, without a token; after the ack, one runs."""
+    async def run():
+        raw = RawFrontend(control_engine.run_dir)
+        try:
+            await raw.send(FrontendHello(RawFrontend.INDEX))
+            await raw.receive(EngineReady)
+            async with AsyncClient(control_engine.addresses[0]) as client:
+                await _within(client.abort_all(), "abort_all")
+            fence = await raw.receive(AbortFence)
+            await raw.send(raw.add("on-its-way"))
+            before_ack = await raw.outputs_until_final("on-its-way")
+            await raw.send(AbortFenceAck(RawFrontend.INDEX, fence.fence_id))
+            await raw.send(raw.add("after-the-ack"))
+            after_ack = await raw.outputs_until_final("after-the-ack")
+            return before_ack, after_ack
+        finally:
+            raw.close()
+    before_ack, after_ack = asyncio.run(run())
+    assert [(o.finish_reason, o.new_token_ids) for o in before_ack] == [("abort", [])]
+    assert after_ack[-1].finish_reason == "length" and sum(len(o.new_token_ids) for o in after_ack) == 3
 
 
 # ---- 3. the core dies while a pause(wait) is pending ------------------------------------------
