@@ -64,7 +64,7 @@ class EngineLoop:
         self.fences: dict[int, int] = {}  # client_index -> the AbortFence it has not acknowledged
         self.next_fence_id = 0
         self.next_frontend_check = 0.0
-        self.step_in_flight = False
+        self.step_in_flight: int | None = None  # the id of the step the workers are running
         self.running = True
 
     def run(self) -> None:
@@ -79,6 +79,8 @@ class EngineLoop:
             if result.error:
                 logger.error("step %d failed on the workers: %s", result.step_id, result.error)
                 self.emit(self.scheduler.fail_step(step, result.error))
+            elif result.interrupted:
+                logger.debug("step %d interrupted: its tokens run again after the pause", result.step_id)
             else:
                 self.emit(self.scheduler.update(step, result))
             self.settle_pause()
@@ -86,7 +88,7 @@ class EngineLoop:
     def await_result(self, step_id: int) -> StepResult:
         """Serve inputs until the step's result arrives. An abort received during the step wins
         over its output: the request is finished now, and `update` skips it."""
-        self.step_in_flight = True
+        self.step_in_flight = step_id
         deadline = time.monotonic() + STEP_TIMEOUT_S
         try:
             while True:
@@ -103,7 +105,7 @@ class EngineLoop:
                     self.emit(self.scheduler.take_finished_outputs())
                 self.check_workers(deadline)
         finally:
-            self.step_in_flight = False
+            self.step_in_flight = None
 
     def check_workers(self, deadline: float) -> None:
         if time.monotonic() > deadline:
@@ -194,9 +196,15 @@ class EngineLoop:
                 self.settle_pause()
                 logger.error("frontend %d (pid %d) died: aborted its %d request(s)", client_index, pid, len(aborted))
 
+    def interrupt_step(self) -> None:
+        """A pause that freezes or aborts everything need not wait for the step in flight: the
+        workers abandon it between two layers (where their forward can) and it runs again later."""
+        if self.step_in_flight is not None:
+            self.workers.interrupt(self.step_in_flight)
+
     def settle_pause(self) -> None:
         """Answer the pause calls whose state has been reached (never while a forward runs)."""
-        if self.step_in_flight:
+        if self.step_in_flight is not None:
             return
         for waiter in self.pause.settle(len(self.scheduler.running)):
             self.answer(waiter)

@@ -30,7 +30,7 @@ def run_core(config: EngineConfig, worker_pids: Sequence[int]) -> None:
     signal.signal(signal.SIGTERM, lambda *_: _exit(0, "SIGTERM"))
     context = zmq.Context()
     inbox: "queue.Queue" = queue.Queue()
-    workers = WorkerGroup(context, config.worker_address, config.workers, worker_pids, inbox)
+    workers = WorkerGroup(context, config, worker_pids, inbox)
     input_thread = InputThread(context, config.core_input_address, inbox)
     output_thread = OutputThread(context, config.core_output_address)
     for thread in (workers, input_thread, output_thread):

@@ -48,6 +48,8 @@ def pause(engine: "EngineLoop", args: PauseArgs, call: UtilityCall) -> Any:
         state.status, state.mode = "pausing", "abort"
     else:
         state.begin(args.mode)
+    if args.mode != "wait":
+        engine.interrupt_step()
     state.waiters.append(Waiter(call.client_index, call.call_id))
     engine.settle_pause()
     return DEFERRED
@@ -67,6 +69,7 @@ def abort_all(engine: "EngineLoop", args: NoArgs, call: UtilityCall) -> AbortRes
     user_ids = [r.user_request_id for r in engine.scheduler.requests.values()]
     result = AbortResult(*engine.scheduler.abort_user_ids(user_ids))
     engine.fence_frontends()
+    engine.interrupt_step()  # the step in flight only serves aborted requests now
     return result
 
 

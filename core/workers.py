@@ -14,8 +14,9 @@ import msgspec
 import zmq
 
 from protocol.codec import Decoder, Encoder
+from protocol.config import EngineConfig
 from protocol.process import make_socket, pid_alive
-from protocol.step import CoreToWorker, Shutdown, StepPlan, WorkerReady, WorkerToCore
+from protocol.step import CoreToWorker, InterruptStep, Shutdown, StepPlan, WorkerReady, WorkerToCore
 
 logger = logging.getLogger(__name__)
 
@@ -30,14 +31,16 @@ class WorkerGroup:
     def __init__(
         self,
         context: zmq.Context,
-        address: str,
-        num_workers: int,
+        config: EngineConfig,
         worker_pids: Sequence[int],
         events: "queue.Queue",
     ) -> None:
         """Step results go to `events` (the loop's queue); ready messages to a queue of their own."""
-        self._socket = make_socket(context, zmq.ROUTER, address, bind=True)
-        self._num_workers = num_workers
+        self._socket = make_socket(context, zmq.ROUTER, config.worker_address, bind=True)
+        # Used by the loop's thread only (the thread above owns the other socket).
+        self._interrupts = make_socket(context, zmq.PUB, config.interrupt_address, bind=True)
+        self._interrupt_encoder = Encoder()
+        self._num_workers = config.workers
         self._pids = list(worker_pids)
         self._encoder = Encoder()
         self._decoder = Decoder(WorkerToCore)
@@ -71,6 +74,10 @@ class WorkerGroup:
         """Run a step; its `StepResult` arrives on the events queue."""
         self._plans.put(plan)
 
+    def interrupt(self, step_id: int) -> None:
+        """Ask every rank to abandon step `step_id`; its result may still come complete."""
+        self._interrupts.send_multipart(self._interrupt_encoder.encode(InterruptStep(step_id)))
+
     def check_alive(self) -> None:
         dead = [pid for pid in self._pids if not pid_alive(pid)]
         if dead:
@@ -80,6 +87,7 @@ class WorkerGroup:
         self._plans.put(Shutdown())
         self._stopped.set()
         self._thread.join(timeout=2.0)
+        self._interrupts.close()
 
     def _serve(self) -> None:
         """Strictly one plan in flight: readies first, then plan → result, plan → result."""

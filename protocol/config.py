@@ -79,6 +79,10 @@ class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return self._ipc("workers")
 
     @property
+    def interrupt_address(self) -> str:
+        return self._ipc("interrupts")
+
+    @property
     def launch_address(self) -> str:
         return self._ipc("launch")
 

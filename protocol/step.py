@@ -54,6 +54,7 @@ class StepResult(msgspec.Struct, tag="step_result", array_like=True):
     sampled_token_ids: list[int] = []
     logprobs: dict[str, Logprobs] = {}
     error: Optional[str] = None
+    interrupted: bool = False  # abandoned on an `InterruptStep`: nothing computed, nothing sampled
 
 
 class WorkerReady(msgspec.Struct, tag="worker_ready", array_like=True):
@@ -67,6 +68,14 @@ class WorkerReady(msgspec.Struct, tag="worker_ready", array_like=True):
 
 class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
     pass
+
+
+class InterruptStep(msgspec.Struct, tag="interrupt", array_like=True):
+    """Abandon step `step_id` at its next layer boundary if it still runs (a pause that freezes or
+    aborts everything need not wait for it). Sent on a socket of its own, which a worker reads
+    while its main thread is in a forward; a forward that cannot stop ignores it."""
+
+    step_id: int
 
 
 CoreToWorker = StepPlan | Shutdown

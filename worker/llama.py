@@ -15,6 +15,7 @@ parallelism, other architectures and activations.
 """
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from worker.attention import AttentionMetadata, attend
 from worker.cpu_kernels import RMSNormKernel, fits_kernel, load_rms_norm
+from worker.interrupts import StepInterrupted
 
 logger = logging.getLogger(__name__)
 
@@ -139,11 +141,19 @@ class NativeLlama:
         self.lm_head = Projection(model.lm_head.weight, None)
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, sample_indices: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        sample_indices: torch.Tensor,
+        stop: Callable[[], bool] | None = None,
     ) -> torch.Tensor:
+        """Raises `StepInterrupted` when `stop()` turns true before a layer."""
         hidden = F.embedding(input_ids, self.embed_tokens)
         rotary = self._rotary(hidden, positions)
         for layer in self.layers:
+            if stop is not None and stop():
+                raise StepInterrupted()
             hidden = layer(hidden, rotary, meta)
         return self.lm_head(self.norm(hidden[sample_indices])).contiguous()
 

@@ -13,6 +13,7 @@ from protocol.config import EngineConfig
 from protocol.process import configure_logging, make_socket, set_process_title, watch_parent_and_peers
 from protocol.step import CoreToWorker, Shutdown, StepPlan, StepResult, WorkerReady
 from worker import parallel
+from worker.interrupts import InterruptWatcher
 from worker.kv_cache import allocate_kv_cache, kv_shape, max_model_len_for, num_blocks_for, torch_dtype
 from worker.model_loader import ModelError, check_model_config, load_model
 from worker.model_runner import ModelRunner
@@ -30,9 +31,11 @@ def run_worker(config: EngineConfig, rank: int) -> None:
     context = zmq.Context()
     sock = make_socket(context, zmq.DEALER, config.worker_address, bind=False, identity=f"rank{rank}".encode())
     encoder = Encoder()
+    interrupts = InterruptWatcher(context, config.interrupt_address)
+    interrupts.start()
     try:
         try:
-            runner, ready = _start(config, rank)
+            runner, ready = _start(config, rank, interrupts)
         except Exception as error:  # any start-up failure is reported as one line, then exit 1
             logger.exception("worker %d failed to start", rank)
             sock.send_multipart(encoder.encode(WorkerReady(rank, 0, 0, error=_one_line(error))))
@@ -40,12 +43,13 @@ def run_worker(config: EngineConfig, rank: int) -> None:
         sock.send_multipart(encoder.encode(ready))
         _serve(sock, runner, encoder, rank)
     finally:
+        interrupts.stop()
         sock.close()
         context.term()
         parallel.shutdown_tensor_parallel()
 
 
-def _start(config: EngineConfig, rank: int) -> tuple[ModelRunner, WorkerReady]:
+def _start(config: EngineConfig, rank: int, interrupts: InterruptWatcher) -> tuple[ModelRunner, WorkerReady]:
     tp_size = config.workers
     model_config = transformers.AutoConfig.from_pretrained(config.model)
     check_model_config(model_config, tp_size)
@@ -59,7 +63,7 @@ def _start(config: EngineConfig, rank: int) -> tuple[ModelRunner, WorkerReady]:
     kv_cache = allocate_kv_cache(num_blocks, config.block_size, shape, dtype, device)
     max_len = max_model_len_for(config.max_model_len, model_config, num_blocks, config.block_size)
     # transformers shards the model for tensor parallelism; the native forward runs one rank.
-    runner = ModelRunner(model, kv_cache, device, is_driver=rank == 0, native=tp_size == 1)
+    runner = ModelRunner(model, kv_cache, device, is_driver=rank == 0, native=tp_size == 1, interrupts=interrupts)
     return runner, WorkerReady(rank=rank, num_kv_blocks=num_blocks, max_model_len=max_len)
 
 

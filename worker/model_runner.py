@@ -15,6 +15,7 @@ import torch
 from protocol.step import StepPlan, StepResult
 from worker.attention import build_metadata
 from worker.batch import BatchState, StepInputs
+from worker.interrupts import InterruptWatcher, StepInterrupted
 from worker.kv_cache import KVCache
 from worker.llama import NativeLlama, native_model
 from worker.sampler import SampleRow, compute_logprobs, sample
@@ -24,10 +25,18 @@ logger = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(
-        self, model: torch.nn.Module, kv_cache: KVCache, device: torch.device, is_driver: bool = True, native: bool = True
+        self,
+        model: torch.nn.Module,
+        kv_cache: KVCache,
+        device: torch.device,
+        is_driver: bool = True,
+        native: bool = True,
+        interrupts: InterruptWatcher | None = None,
     ) -> None:
-        """`native`: run `worker.llama`'s forward where it supports the model (one rank only)."""
+        """`native`: run `worker.llama`'s forward where it supports the model (one rank only);
+        only that forward stops for `interrupts` (transformers' runs every step to its end)."""
         self.model = model
+        self.interrupts = interrupts
         self.native: NativeLlama | None = native_model(model) if native else None
         self.kv_cache = kv_cache
         self.is_driver = is_driver
@@ -39,13 +48,17 @@ class ModelRunner:
         if not plan.scheduled:
             return StepResult(step_id=plan.step_id)
         inputs = self.batch.build(plan.scheduled)
-        logits = self._forward(inputs)
+        try:
+            logits = self._forward(inputs, plan.step_id)
+        except StepInterrupted:
+            # Nothing advances: the core schedules the same tokens again, and they are recomputed.
+            return StepResult(step_id=plan.step_id, interrupted=True)
         self.batch.advance(plan.scheduled)
         if not self.is_driver or not inputs.sample_ids:
             return StepResult(step_id=plan.step_id)
         return self._sample(plan.step_id, inputs, logits)
 
-    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+    def _forward(self, inputs: StepInputs, step_id: int) -> torch.Tensor:
         """Logits `[S, V]` of the sampling positions only."""
         meta = build_metadata(
             self.kv_cache,
@@ -56,7 +69,9 @@ class ModelRunner:
             inputs.block_tables,
         )
         if self.native is not None:
-            return self.native.forward(inputs.input_ids, inputs.positions, meta, inputs.sample_indices)
+            interrupts = self.interrupts
+            stop = (lambda: interrupts.requested(step_id)) if interrupts is not None else None
+            return self.native.forward(inputs.input_ids, inputs.positions, meta, inputs.sample_indices, stop)
         output = self.model(
             input_ids=inputs.input_ids[None],
             position_ids=inputs.positions[None],

@@ -86,3 +86,33 @@ def test_native_forward_reads_the_hf_parameters_after_an_in_place_update(llama_f
     runner.native = None
     hf = ToyCore(runner).run([Req(r.id, r.prompt, r.max_new) for r in reqs])
     assert [native[r.id].output for r in reqs] == [hf[r.id].output for r in reqs]
+
+
+class InterruptedSteps:
+    """Stands in for the worker's InterruptWatcher: these step ids are interrupted."""
+
+    def __init__(self, step_ids: set[int]) -> None:
+        self.step_ids = step_ids
+        self.asked: set[int] = set()
+
+    def requested(self, step_id: int) -> bool:
+        self.asked.add(step_id)
+        return step_id in self.step_ids
+
+
+def test_an_interrupted_step_computes_nothing_and_its_tokens_run_again(llama_folder):
+    """Steps 0 (prefill, chunked), 3 (chunk beside a decode) and 7 (decodes) are abandoned between
+    layers; the outputs still equal transformers'."""
+    runner = make_runner(llama_folder)
+    runner.interrupts = InterruptedSteps({0, 3, 7})
+    def requests():
+        return [Req("a", prompt(21, 11), MAX_NEW, chunk=4), Req("b", prompt(22, 6), MAX_NEW, arrival=2)]
+
+    plain = ToyCore(make_runner(llama_folder))
+    plain.run(requests())
+    core = ToyCore(runner)
+    done = core.run(requests())
+    for r in done.values():
+        assert r.output == reference_generate(llama_folder, r.prompt, r.max_new), r.id
+    assert {0, 3, 7} <= runner.interrupts.asked
+    assert core.step_id == plain.step_id + 3  # three steps were run twice

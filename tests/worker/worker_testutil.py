@@ -99,6 +99,9 @@ class ToyCore:
             plan.scheduled.append(self._schedule(r, plan))
         result = self.runner.execute(plan)
         assert result.error is None, result.error
+        self.step_id += 1
+        if result.interrupted:  # nothing was computed: the same tokens are scheduled again
+            return
         by_id = {r.id: r for r in active}
         for sched in plan.scheduled:
             by_id[sched.request_id].computed += sched.num_scheduled_tokens
@@ -111,7 +114,6 @@ class ToyCore:
                 r.logprobs.append(result.logprobs[rid])
             if r.done:
                 self.finished.append(rid)
-        self.step_id += 1
 
     def _schedule(self, r: Req, plan: StepPlan) -> ScheduledRequest:
         if not r.registered:
