@@ -7,24 +7,20 @@
 import contextlib
 import logging
 import os
-import queue
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from dataclasses import dataclass, field
-from typing import IO, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
+
+from launch.local import start_local_engine
 
 logger = logging.getLogger("bench")
 
 # Ids below this are special tokens (<|endoftext|>, <|im_start|>, ...) in SmolLM2's vocabulary.
 MIN_ORDINARY_TOKEN_ID = 20
-ENGINE_STOP_GRACE_S = 30.0
 ENGINE_START_TIMEOUT_S = 300.0
 WARMUP_PROMPT = list(range(1000, 1016))
 WARMUP_TOKENS = 4
@@ -123,106 +119,23 @@ def running_engine(folder: str, extra_args: Sequence[str], num_frontends: int = 
     error lines are logged in any case.
     """
     log_path = os.path.join(tempfile.gettempdir(), f"zeroserve-bench-{os.getpid()}.log")
-    args = [*extra_args, "--frontends", str(num_frontends)]
-    process = start_engine(folder, args, free_port_range(num_frontends), log_path)
-    try:
-        addresses = wait_for_addresses(process, num_frontends, start_timeout_s)
-        logger.info("engine ready at %s", " ".join(addresses))
-        yield addresses
-    except BaseException:
-        log_tail(log_path)
-        raise
-    finally:
-        stop_engine(process)
-        warn_engine_errors(log_path)
-
-
-def free_port_range(count: int) -> int:
-    """A base port with `count` consecutive free ports from it (frontend i listens on base + i)."""
-    for _ in range(100):
-        base = _free_port()
-        if base + count < 65000 and all(_port_is_free(base + i) for i in range(1, count)):
-            return base
-    raise RuntimeError(f"found no {count} consecutive free ports")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket() as probe:
+    logger.info("starting zeroserve serve %s (engine log: %s)", " ".join(extra_args), log_path)
+    with open(log_path, "w", buffering=1) as log_file:
+        engine = start_local_engine(folder, extra_args, num_frontends, start_timeout_s, echo=log_file.write)
         try:
-            probe.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
+            logger.info("engine ready at %s", " ".join(engine.addresses))
+            yield engine.addresses
+        except BaseException:
+            logger.error("last engine log lines (%s):\n%s", log_path, "".join(engine.log[-40:]).rstrip())
+            raise
+        finally:
+            logger.info("engine stopped with status %s", engine.stop())
+            warn_engine_errors(engine.log, log_path)
 
 
-def start_engine(folder: str, extra_args: Sequence[str], port: int, log_path: str) -> subprocess.Popen[str]:
-    command = [sys.executable, "-m", "launch.cli", "serve", "--model", folder, "--port", str(port), *extra_args]
-    logger.info("starting %s (engine log: %s)", " ".join(command), log_path)
-    with open(log_path, "w") as log:
-        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
-
-
-def wait_for_addresses(process: subprocess.Popen[str], num_frontends: int, timeout_s: float) -> list[str]:
-    """The `frontend-<i>: <address>` lines the engine prints once it serves, in frontend order.
-
-    Raises if the engine exits or stays silent too long.
-    """
-    lines: queue.Queue[str | None] = queue.Queue()
-    threading.Thread(target=_pump_lines, args=(process.stdout, lines), daemon=True).start()
-    addresses: dict[int, str] = {}
-    deadline = time.monotonic() + timeout_s
-    while len(addresses) < num_frontends and (remaining := deadline - time.monotonic()) > 0:
-        try:
-            line = lines.get(timeout=remaining)
-        except queue.Empty:
-            break
-        if line is None:
-            raise RuntimeError(f"engine exited with status {process.wait()} before it was ready")
-        name, _, address = line.partition(": ")
-        if name.startswith("frontend-") and name.removeprefix("frontend-").isdigit():
-            addresses[int(name.removeprefix("frontend-"))] = address.strip()
-    if len(addresses) < num_frontends:
-        raise TimeoutError(f"engine announced {len(addresses)} of {num_frontends} frontends in {timeout_s:.0f} s")
-    return [addresses[i] for i in range(num_frontends)]
-
-
-def _pump_lines(stream: IO[str], lines: "queue.Queue[str | None]") -> None:
-    # Draining stdout for the engine's whole life keeps it from blocking on a full pipe.
-    for line in stream:
-        logger.debug("engine stdout: %s", line.rstrip())
-        lines.put(line)
-    lines.put(None)
-
-
-def stop_engine(process: subprocess.Popen[str]) -> None:
-    """SIGTERM, then SIGKILL; launch's children watch it and exit by themselves if it is killed."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=ENGINE_STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            logger.warning("engine still running %.0f s after SIGTERM; killing it", ENGINE_STOP_GRACE_S)
-            process.kill()
-            process.wait()
-    logger.info("engine stopped with status %s", process.returncode)
-
-
-def log_tail(path: str, num_lines: int = 40) -> None:
-    with open(path) as log:
-        tail = log.readlines()[-num_lines:]
-    logger.error("last engine log lines (%s):\n%s", path, "".join(tail).rstrip())
-
-
-def warn_engine_errors(path: str) -> None:
+def warn_engine_errors(log: list[str], path: str) -> None:
     """A run can finish while some engine process logged an error; surface those lines."""
-    with open(path) as log:
-        errors = [line.rstrip() for line in log if " ERROR " in line or line.startswith("Traceback")]
+    errors = [line.rstrip() for line in log if " ERROR " in line or line.startswith("Traceback")]
     if errors:
         logger.warning("engine log %s has %d error lines, first ones:\n%s", path, len(errors), "\n".join(errors[:10]))
 
