@@ -10,8 +10,9 @@ Q/K/V and gate/up are fused into one projection each. The HF parameters are then
 at row slices of the fused tensors, so memory is not doubled and an in-place weight update
 (`param.copy_`) reaches both forwards.
 
-transformers' path (`model(..., attn_meta=meta)`) still serves everything else: tensor
-parallelism, other architectures and activations.
+Before each layer the forward asks `stop()`, so a pause can abandon the step in flight
+(`worker.interrupts`). transformers' path (`model(..., attn_meta=meta)`) still serves everything
+else: tensor parallelism, other architectures and activations.
 """
 
 import logging
@@ -32,6 +33,7 @@ MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 # steps 14% faster); its result is a transposed view, which makes large prefills' elementwise
 # kernels slower, so big batches keep the usual form.
 WEIGHT_STATIONARY_MAX_ROWS = 128
+Rotary = tuple[torch.Tensor, torch.Tensor]  # cos, sin `[T, 1, head_dim / 2]`
 
 
 @dataclass
@@ -102,13 +104,13 @@ class DecoderLayer:
         self.num_kv_heads = attn.k_proj.weight.shape[0] // self.head_dim
         self.scaling = attn.scaling
 
-    def __call__(self, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+    def __call__(self, hidden: torch.Tensor, rotary: Rotary, meta: AttentionMetadata) -> torch.Tensor:
         """`hidden` `[T, hidden]` is updated in place (each sub-block adds to its residual)."""
         hidden += self._attention(self.input_norm(hidden), rotary, meta)
         hidden += self._mlp(self.post_attention_norm(hidden))
         return hidden
 
-    def _attention(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+    def _attention(self, x: torch.Tensor, rotary: Rotary, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv(x).view(len(x), self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
         if self.q_norm is not None:
@@ -157,7 +159,7 @@ class NativeLlama:
             hidden = layer(hidden, rotary, meta)
         return self.lm_head(self.norm(hidden[sample_indices])).contiguous()
 
-    def _rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> Rotary:
         """cos and sin `[T, 1, D/2]`: transformers' `[.., D]` tables repeat their first half."""
         cos, sin = self.rotary_emb(hidden, positions[None])
         half = cos.shape[-1] // 2

@@ -76,7 +76,8 @@ def test_native_forward_reads_the_hf_parameters_after_an_in_place_update(llama_f
     assert runner.native is not None
     layer = runner.model.model.layers[0]
     fused = runner.native.layers[0]
-    for param, whole in [(layer.self_attn.v_proj.weight, fused.qkv.weight), (layer.mlp.up_proj.weight, fused.gate_up.weight)]:
+    views = [(layer.self_attn.v_proj.weight, fused.qkv.weight), (layer.mlp.up_proj.weight, fused.gate_up.weight)]
+    for param, whole in views:
         assert param.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr()
     with torch.no_grad():
         layer.self_attn.q_proj.weight.copy_(torch.randn_like(layer.self_attn.q_proj.weight))
