@@ -153,6 +153,7 @@ class EngineLoop:
             case FrontendHello():
                 logger.info("frontend %d connected (pid %d)", message.client_index, message.pid)
                 self.frontend_pids[message.client_index] = message.pid
+                self.fences.pop(message.client_index, None)  # a new frontend under this index
                 self.output.send(message.client_index, self.ready)
             case StepResult():
                 logger.error("dropped the result of step %d: no step is in flight", message.step_id)
@@ -165,8 +166,10 @@ class EngineLoop:
             self.scheduler.reject(request, problem)
         elif message.client_index in self.fences:
             # Sent before its frontend learned that everything was aborted: aborted like the rest.
+            # The fence goes again, in case the first one was lost; acks match it by id.
             self.scheduler.add(request)
             self.scheduler.abort([request.request_id])
+            self.output.send(message.client_index, AbortFence(self.fences[message.client_index]))
         elif self.reject_while_paused and not self.pause.admits_new:
             self.scheduler.reject(request, f"the engine is {self.pause.status}: retry after resume", "paused")
         else:

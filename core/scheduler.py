@@ -87,7 +87,8 @@ class Scheduler:
     def _grow(self, request: Request, num_tokens: int) -> bool:
         """Give a running request the blocks for `num_tokens` more, preempting the newest
         running requests as needed. False when `request` itself had to be preempted."""
-        need = self.pool.blocks_for(request.num_computed_tokens + num_tokens) - len(request.block_ids)
+        # Blocks may already be there: an interrupted step's are kept for its rerun.
+        need = max(0, self.pool.blocks_for(request.num_computed_tokens + num_tokens) - len(request.block_ids))
         while need > self.pool.num_free:
             victim = self.running[-1]
             self._preempt(victim)

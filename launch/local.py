@@ -28,6 +28,7 @@ class LocalEngine:
     num_frontends: int
     log: list[str] = field(default_factory=list)
     addresses: list[str] = field(default_factory=list)  # in frontend order once started
+    reader: threading.Thread | None = None  # reads serve's output into `log`
 
     @property
     def run_dir(self) -> str:
@@ -46,6 +47,9 @@ class LocalEngine:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self.reader is not None:
+            # serve's last lines (its children may still hold the pipe a moment) end up in `log`.
+            self.reader.join(timeout=grace_s)
         return self.process.returncode
 
 
@@ -64,7 +68,8 @@ def start_local_engine(
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     engine = LocalEngine(process, frontends)
     ready = threading.Event()
-    threading.Thread(target=_read_output, args=(engine, ready, echo), daemon=True).start()
+    engine.reader = threading.Thread(target=_read_output, args=(engine, ready, echo), daemon=True)
+    engine.reader.start()
     if not ready.wait(timeout_s) or len(engine.addresses) < frontends:
         engine.stop()
         raise RuntimeError(f"serve did not start (status {process.poll()}):\n" + "".join(engine.log[-30:]))
@@ -74,16 +79,21 @@ def start_local_engine(
 
 def _read_output(engine: LocalEngine, ready: threading.Event, echo: Callable[[str], None] | None) -> None:
     # Reading serve's output for its whole life keeps it from blocking on a full pipe.
-    for line in engine.process.stdout:
-        engine.log.append(line)
-        if echo is not None:
-            echo(line)
-        name, _, address = line.partition(": ")
-        if name.startswith("frontend-") and address.startswith("tcp://"):
-            engine.addresses.append(address.strip())
-            if len(engine.addresses) == engine.num_frontends:
-                ready.set()
+    with engine.process.stdout:
+        for line in engine.process.stdout:
+            _take_line(engine, line, ready, echo)
     ready.set()
+
+
+def _take_line(engine: LocalEngine, line: str, ready: threading.Event, echo: Callable[[str], None] | None) -> None:
+    engine.log.append(line)
+    if echo is not None:
+        echo(line)
+    name, _, address = line.partition(": ")
+    if name.startswith("frontend-") and address.startswith("tcp://"):
+        engine.addresses.append(address.strip())
+        if len(engine.addresses) == engine.num_frontends:
+            ready.set()
 
 
 def free_port_range(count: int) -> int:

@@ -235,8 +235,9 @@ class UtilityResult(msgspec.Struct, tag="utility_result", array_like=True):
 
 class AbortFence(msgspec.Struct, tag="abort_fence", array_like=True):
     """Sent to every frontend when everything is aborted (`abort_all`, `pause(mode="abort")`).
-    A request that frontend sent before its `AbortFenceAck` was still on its way when the abort
-    ran: the core aborts it on arrival, so it never produces a token."""
+    A request that frontend sent before its `AbortFenceAck` was on its way when the abort ran, or
+    was sent in the moment before the frontend read the fence: the core aborts it on arrival, so
+    it never produces a token."""
 
     fence_id: int
 

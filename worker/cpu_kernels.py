@@ -28,8 +28,7 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.c
 # No -ffast-math: it would let the compiler reorder sums beyond SDPA's rounding; the vector
 # reductions come from `omp simd` in the source instead.
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC")
-# The vector expf the source declares on x86-64 glibc lives in libmvec.
-LIBS = ("-lm", "-lmvec") if platform.machine() == "x86_64" and platform.libc_ver()[0] == "glibc" else ("-lm",)
+
 _RMS_NORM_ARGTYPES = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
 _ARGTYPES = (
     [ctypes.c_void_p] * 6  # q, k_cache, v_cache, block_tables, context_lens, out
@@ -145,7 +144,7 @@ def _built_library() -> str:
         raise FileNotFoundError("no C compiler (cc or gcc) on PATH")
     with open(SOURCE, "rb") as f:
         source = f.read()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS + LIBS).encode(), compiler.encode(), _cpu_flags()]))
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS + _platform_flags()).encode(), compiler.encode(), _cpu_flags()]))
     folder = os.path.join(_cache_root(), "kernels")
     target = os.path.join(folder, f"cpu_kernels-{key.hexdigest()[:16]}.so")
     if os.path.exists(target):
@@ -163,11 +162,21 @@ def _compile(compiler: str, target: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".cpu_kernels-", suffix=".so", dir=os.path.dirname(target))
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, "-o", tmp, SOURCE, *LIBS], check=True, capture_output=True, text=True)
+        subprocess.run([compiler, *FLAGS, "-o", tmp, SOURCE, *_platform_flags()], check=True, capture_output=True, text=True)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _platform_flags() -> tuple[str, ...]:
+    """Linked libraries: libm, and where glibc has it (x86-64, glibc 2.22 or newer) libmvec with
+    ZS_VECTOR_EXPF, under which the source declares the vector expf."""
+    libc, version = platform.libc_ver()
+    release = tuple(int(part) for part in version.split(".") if part.isdigit())
+    if platform.machine() == "x86_64" and libc == "glibc" and release >= (2, 22):
+        return ("-lm", "-DZS_VECTOR_EXPF", "-lmvec")
+    return ("-lm",)
 
 
 def _cpu_flags() -> bytes:

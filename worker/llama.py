@@ -11,7 +11,7 @@ at row slices of the fused tensors, so memory is not doubled and an in-place wei
 (`param.copy_`) reaches both forwards.
 
 Before each layer the forward asks `stop()`, so a pause can abandon the step in flight
-(`worker.interrupts`). transformers' path (`model(..., attn_meta=meta)`) still serves everything
+(`worker.interrupts`; on CUDA, where the host queues every layer at once, it rarely can). transformers' path (`model(..., attn_meta=meta)`) still serves everything
 else: tensor parallelism, other architectures and activations.
 """
 
@@ -29,9 +29,9 @@ from worker.interrupts import StepInterrupted
 logger = logging.getLogger(__name__)
 
 MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
-# Up to this many rows, `weight @ x.T` beats `x @ weight.T` (MKL, SmolLM2 at 32 rows: decode
-# steps 14% faster); its result is a transposed view, which makes large prefills' elementwise
-# kernels slower, so big batches keep the usual form.
+# On CPU, up to this many rows, `weight @ x.T` beats `x @ weight.T` (MKL, SmolLM2 at 32 rows:
+# decode steps 14% faster); its result is a transposed view, which makes large prefills'
+# elementwise kernels slower, so big batches (and CUDA, not measured) keep the usual form.
 WEIGHT_STATIONARY_MAX_ROWS = 128
 Rotary = tuple[torch.Tensor, torch.Tensor]  # cos, sin `[T, 1, head_dim / 2]`
 
@@ -50,7 +50,10 @@ class RMSNorm:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None and x.is_contiguous():
             return self.kernel(x, self.weight, self.eps)
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # transformers rounds the normalised value to x's dtype before the weight multiplies it.
+        return F.rms_norm(x, self.weight.shape, None, self.eps) * self.weight
 
 
 @dataclass
@@ -80,7 +83,7 @@ class Projection:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """`x` `[T, in]` -> `[T, out]`, possibly a transposed view (see WEIGHT_STATIONARY_MAX_ROWS)."""
-        if len(x) > WEIGHT_STATIONARY_MAX_ROWS:
+        if len(x) > WEIGHT_STATIONARY_MAX_ROWS or x.device.type != "cpu":
             return F.linear(x, self.weight, self.bias)
         if self.bias is None:
             return torch.mm(self.weight, x.t()).t()

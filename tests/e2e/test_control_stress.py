@@ -318,14 +318,16 @@ def test_requests_on_their_way_when_everything_is_aborted_are_aborted_on_arrival
                 await _within(client.abort_all(), "abort_all")
             fence = await raw.receive(AbortFence)
             await raw.send(raw.add("on-its-way"))
+            resent = await raw.receive(AbortFence)  # again, before the abort: in case one was lost
             before_ack = await raw.outputs_until_final("on-its-way")
             await raw.send(AbortFenceAck(RawFrontend.INDEX, fence.fence_id))
             await raw.send(raw.add("after-the-ack"))
             after_ack = await raw.outputs_until_final("after-the-ack")
-            return before_ack, after_ack
+            return fence, resent, before_ack, after_ack
         finally:
             raw.close()
-    before_ack, after_ack = asyncio.run(run())
+    fence, resent, before_ack, after_ack = asyncio.run(run())
+    assert resent.fence_id == fence.fence_id
     assert [(o.finish_reason, o.new_token_ids) for o in before_ack] == [("abort", [])]
     assert after_ack[-1].finish_reason == "length" and sum(len(o.new_token_ids) for o in after_ack) == 3
 
