@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 
 from protocol.messages import SamplingParams
-from worker.llama import WEIGHT_STATIONARY_MAX_ROWS
+from worker import llama
 from tests.worker.worker_testutil import Req, ToyCore, make_runner, prompt, reference_generate
 
 MAX_NEW = 6
@@ -22,11 +23,6 @@ def check_greedy(folder: str, reqs: list[Req], native: bool = True) -> None:
 def test_batch_of_prompts_matches_generate(kind, native, request):
     folder = request.getfixturevalue(f"{kind}_folder")
     check_greedy(folder, [Req(f"r{i}", prompt(i, n), MAX_NEW) for i, n in enumerate([3, 9, 17, 1])], native)
-
-
-def test_a_prefill_of_more_rows_than_the_weight_stationary_form_takes(llama_folder):
-    assert WEIGHT_STATIONARY_MAX_ROWS < 150
-    check_greedy(llama_folder, [Req("long", prompt(9, 150), MAX_NEW), Req("short", prompt(10, 4), MAX_NEW)])
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["native", "transformers"])
@@ -117,3 +113,18 @@ def test_an_interrupted_step_computes_nothing_and_its_tokens_run_again(llama_fol
         assert r.output == reference_generate(llama_folder, r.prompt, r.max_new), r.id
     assert {0, 3, 7} <= runner.interrupts.asked
     assert core.step_id == plain.step_id + 3  # three steps were run twice
+
+
+def test_linear_for_takes_onednn_on_fp32_cpu_and_falls_back_elsewhere(monkeypatch):
+    weight = torch.randn(8, 4)
+    if torch.backends.mkldnn.is_available():
+        assert llama.linear_for(weight) is llama.onednn_linear
+        x = torch.randn(5, 4)
+        assert torch.allclose(llama.onednn_linear(x, weight, None), F.linear(x, weight), atol=1e-5)
+    assert llama.linear_for(weight.bfloat16()) is F.linear
+
+    def broken(*args):
+        raise RuntimeError("no such op")
+
+    monkeypatch.setattr(llama, "onednn_linear", broken)
+    assert llama.linear_for(weight) is F.linear
