@@ -50,8 +50,8 @@ def pause(engine: "EngineLoop", args: PauseArgs, call: UtilityCall) -> Any:
         state.begin(args.mode)
     if args.mode != "wait":
         engine.interrupt_step()
+    # Answered by the loop's next settle, after it sent the aborted requests' final outputs.
     state.waiters.append(Waiter(call.client_index, call.call_id))
-    engine.settle_pause()
     return DEFERRED
 
 

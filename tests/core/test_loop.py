@@ -1,0 +1,54 @@
+"""The engine loop's output order, in-process: no sockets, no workers, no step run."""
+
+import queue
+
+from core.block_pool import BlockPool
+from core.loop import EngineLoop
+from core.scheduler import Scheduler, SchedulerLimits
+from protocol.codec import encode_args
+from protocol.messages import (
+    AbortFence,
+    AddRequest,
+    CoreOutputs,
+    EngineReady,
+    FrontendHello,
+    PauseArgs,
+    SamplingParams,
+    UtilityCall,
+    UtilityResult,
+)
+
+
+class RecordingOutput:
+    """Stands in for the output thread: what the loop sent, in order."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, object]] = []
+
+    def send(self, client_index: int, message: object) -> None:
+        self.sent.append((client_index, message))
+
+
+def make_loop(output: RecordingOutput, inbox: queue.Queue) -> EngineLoop:
+    scheduler = Scheduler(BlockPool(64, 4), SchedulerLimits(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64))
+    return EngineLoop(scheduler, None, inbox, output, EngineReady(max_model_len=64, num_kv_blocks=64, block_size=4))
+
+
+def add(i: int) -> AddRequest:
+    return AddRequest(f"0-{i}", f"user-{i}", 0, [1, 2, 3], SamplingParams(max_tokens=4))
+
+
+def test_pause_abort_answers_after_the_final_outputs_when_no_step_runs():
+    """Requests and the pause arrive together, before any step: the aborted requests' final
+    outputs still go out before the pause's answer on the caller's stream."""
+    inbox: queue.Queue = queue.Queue()
+    output = RecordingOutput()
+    loop = make_loop(output, inbox)
+    for message in [FrontendHello(0), add(0), add(1), UtilityCall(0, 7, "pause", encode_args(PauseArgs("abort")))]:
+        inbox.put(message)
+    loop.handle_inputs(block=False)
+    kinds = [type(message) for _, message in output.sent]
+    assert kinds == [EngineReady, AbortFence, CoreOutputs, UtilityResult]
+    finals = output.sent[2][1].outputs
+    assert [(o.request_id, o.finish_reason) for o in finals] == [("0-0", "abort"), ("0-1", "abort")]
+    assert output.sent[3][1].call_id == 7 and output.sent[3][1].error is None
