@@ -12,8 +12,8 @@ from tests.worker.worker_testutil import Req, ToyCore, make_runner, prompt, refe
 MAX_NEW = 6
 
 
-def check_greedy(folder: str, reqs: list[Req], native: bool = True) -> None:
-    done = ToyCore(make_runner(folder, native=native)).run(reqs)
+def check_greedy(folder: str, reqs: list[Req], native: bool = True, device: str = "cpu") -> None:
+    done = ToyCore(make_runner(folder, native=native, device=device)).run(reqs)
     for r in reqs:
         assert done[r.id].output == reference_generate(folder, r.prompt, r.max_new), r.id
 
@@ -23,6 +23,14 @@ def check_greedy(folder: str, reqs: list[Req], native: bool = True) -> None:
 def test_batch_of_prompts_matches_generate(kind, native, request):
     folder = request.getfixturevalue(f"{kind}_folder")
     check_greedy(folder, [Req(f"r{i}", prompt(i, n), MAX_NEW) for i, n in enumerate([3, 9, 17, 1])], native)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("native", [True, False], ids=["native", "transformers"])
+def test_cuda_fp32_greedy_matches_generate_on_cpu(llama_folder, native):
+    """Both forwards on CUDA (torch attention path, fp32) against transformers on CPU."""
+    reqs = [Req(f"r{i}", prompt(i, n), MAX_NEW, chunk=7) for i, n in enumerate([3, 9, 17, 1])]
+    check_greedy(llama_folder, reqs, native, device="cuda")
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["native", "transformers"])

@@ -30,10 +30,15 @@ def tiny_model(kind: str, folder: str) -> str:
 
 
 def make_runner(
-    folder: str, num_blocks: int = 256, tp_size: int = 1, is_driver: bool = True, native: bool | None = None
+    folder: str,
+    num_blocks: int = 256,
+    tp_size: int = 1,
+    is_driver: bool = True,
+    native: bool | None = None,
+    device: str = "cpu",
 ) -> ModelRunner:
-    """`native` defaults to what the worker does: the native forward on one rank only."""
-    device = torch.device("cpu")
+    """fp32 on `device`. `native` defaults to what the worker does: the native forward on one rank only."""
+    device = torch.device(device)
     model = load_model(folder, device, torch.float32, tp_size)
     shape = kv_shape(model.config, tp_size)
     kv_cache = allocate_kv_cache(num_blocks, BLOCK_SIZE, shape, torch.float32, device)
