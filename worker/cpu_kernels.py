@@ -30,7 +30,7 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.c
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC")
 
 _RMS_NORM_ARGTYPES = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
-_ARGTYPES = (
+_PAGED_DECODE_ARGTYPES = (
     [ctypes.c_void_p] * 6  # q, k_cache, v_cache, block_tables, context_lens, out
     + [ctypes.c_int64] * 6  # num_seqs, num_heads, num_kv_heads, head_dim, max_blocks, block_size
     + [ctypes.c_float, ctypes.c_int]  # scale, num_threads
@@ -105,25 +105,26 @@ class RMSNormKernel:
 @functools.cache
 def load_paged_decode() -> PagedDecode | None:
     """The decode attention kernel, built on first use; None when it cannot be built."""
-    lib = _library()
-    if lib is None:
-        return None
-    fn = lib.paged_decode_attention
-    fn.argtypes = _ARGTYPES
-    fn.restype = ctypes.c_int
-    return PagedDecode(fn)
+    fn = _c_function("paged_decode_attention", _PAGED_DECODE_ARGTYPES, ctypes.c_int)
+    return None if fn is None else PagedDecode(fn)
 
 
 @functools.cache
 def load_rms_norm() -> RMSNormKernel | None:
     """The RMSNorm kernel, built on first use; None when it cannot be built."""
+    fn = _c_function("rms_norm", _RMS_NORM_ARGTYPES, None)
+    return None if fn is None else RMSNormKernel(fn)
+
+
+def _c_function(name: str, argtypes: list, restype: type | None) -> Callable[..., object] | None:
+    """`name` from the kernels' library, with its C signature; None when the library cannot be built."""
     lib = _library()
     if lib is None:
         return None
-    fn = lib.rms_norm
-    fn.argtypes = _RMS_NORM_ARGTYPES
-    fn.restype = None
-    return RMSNormKernel(fn)
+    fn = getattr(lib, name)
+    fn.argtypes = argtypes
+    fn.restype = restype
+    return fn
 
 
 @functools.cache
