@@ -17,7 +17,7 @@ def hash_blocks(
     token_ids: Sequence[int], block_size: int, start_block: int, parent: BlockHash | None, salt: Hashable
 ) -> list[BlockHash]:
     """Hashes of the full blocks of `token_ids` from `start_block` on, chained from `parent`.
-    `salt` (the weight version) keeps caches of different weights apart."""
+    `salt` (the weights' generation) keeps caches of different weights apart."""
     hashes = []
     for first in range(start_block * block_size, len(token_ids) - block_size + 1, block_size):
         parent = hash((parent, salt, tuple(token_ids[first : first + block_size])))
@@ -90,6 +90,13 @@ class BlockPool:
             if self._hash_of[block] is None and block_hash not in self._cached:
                 self._hash_of[block] = block_hash
                 self._cached[block_hash] = block
+
+    def forget_free_cached(self) -> int:
+        """Drop the cached KV of every block no request holds; returns how many blocks that was."""
+        dropped = [block for block in self._free if self._hash_of[block] is not None]
+        for block in dropped:
+            self._forget_hash(block)
+        return len(dropped)
 
     def _forget_hash(self, block: int) -> None:
         block_hash = self._hash_of[block]

@@ -2,15 +2,17 @@
 
     plan = scheduler.schedule(); workers.submit(plan); result = await_result(); emit(scheduler.update(plan, result))
 
-Only one queue is touched here: frontends' inputs and the workers' step results arrive on it
-from the threads of `io.py` and `workers.py`. Inputs are applied while a step runs, so control
-calls are answered without waiting for the step (a pause(keep) still answers only after it).
+Only one queue is touched here: frontends' inputs, the workers' step results and their replies
+to commands arrive on it from the threads of `io.py` and `workers.py`. Inputs are applied while
+a step runs, so control calls are answered without waiting for the step (a pause(keep) still
+answers only after it).
 """
 
 import logging
 import queue
 import time
 from collections import defaultdict
+from typing import Any, Callable
 
 import msgspec
 
@@ -18,8 +20,11 @@ from core.io import OutputThread
 from core.pause import PauseState, Waiter
 from core.request import Request
 from core.scheduler import RoutedOutput, Scheduler
+from core.sleep import SleepState
 from core.utility import error_result, run_utility
-from core.workers import WorkerDiedError, WorkerGroup
+from core.weights import WeightUpdates
+from core.workers import WorkerDiedError, WorkerGroup, WorkerOps
+from protocol.errors import UtilityError
 from protocol.messages import (
     AbortFence,
     AbortFenceAck,
@@ -35,6 +40,7 @@ from protocol.messages import (
 )
 from protocol.step import StepResult
 from protocol.process import pid_alive
+from protocol.weights import KvMode, WorkerCommand, WorkerReply
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +66,9 @@ class EngineLoop:
         self.ready = ready
         self.reject_while_paused = reject_while_paused
         self.pause = PauseState()
+        self.ops = WorkerOps(workers.submit, workers.num_workers)
+        self.weights = WeightUpdates(self)
+        self.sleep = SleepState(self)
         self.frontend_pids: dict[int, int] = {}  # client_index -> pid (0: not watched)
         self.fences: dict[int, int] = {}  # client_index -> the AbortFence it has not acknowledged
         self.next_fence_id = 0
@@ -70,7 +79,8 @@ class EngineLoop:
     def run(self) -> None:
         while self.running:
             self.handle_inputs(block=not self._can_step())
-            self.check_frontends()
+            self.check_peers()
+            self.weights.poll()
             step = self.scheduler.schedule(self.pause.admits_new, self.pause.runs_running)
             if step is None:
                 continue
@@ -84,6 +94,7 @@ class EngineLoop:
             else:
                 self.emit(self.scheduler.update(step, result))
             self.settle_pause()
+            self.weights.poll()  # an atomic update may wait for this step
 
     def await_result(self, step_id: int) -> StepResult:
         """Serve inputs until the step's result arrives. An abort received during the step wins
@@ -150,6 +161,8 @@ class EngineLoop:
             case AbortFenceAck(client_index=client_index, fence_id=fence_id):
                 if self.fences.get(client_index) == fence_id:
                     del self.fences[client_index]
+            case WorkerReply():
+                self.ops.on_reply(message)
             case FrontendHello():
                 logger.info("frontend %d connected (pid %d)", message.client_index, message.pid)
                 self.frontend_pids[message.client_index] = message.pid
@@ -183,19 +196,23 @@ class EngineLoop:
             self.fences[client_index] = self.next_fence_id
             self.output.send(client_index, AbortFence(self.next_fence_id))
 
-    def check_frontends(self) -> None:
+    def check_peers(self) -> None:
         """A dead frontend does not take the core down: its requests are aborted and their
-        blocks freed (checked at most every FRONTEND_CHECK_S)."""
+        blocks freed. A dead worker does, also while a command waits for it (checked at most
+        every FRONTEND_CHECK_S)."""
         now = time.monotonic()
         if now < self.next_frontend_check:
             return
         self.next_frontend_check = now + FRONTEND_CHECK_S
+        if self.ops.busy:
+            self.workers.check_alive()
         for client_index, pid in list(self.frontend_pids.items()):
             if pid and not pid_alive(pid):
                 del self.frontend_pids[client_index]
                 self.fences.pop(client_index, None)
                 aborted = self.scheduler.abort_frontend(client_index)
                 self.scheduler.take_finished_outputs()  # nobody is left to read them
+                self.weights.abandon_frontend(client_index)
                 self.settle_pause()
                 logger.error("frontend %d (pid %d) died: aborted its %d request(s)", client_index, pid, len(aborted))
 
@@ -210,13 +227,40 @@ class EngineLoop:
         if self.step_in_flight is not None:
             return
         for waiter in self.pause.settle(len(self.scheduler.running)):
-            self.answer(waiter)
+            self.answer(waiter, self.state())
 
-    def answer(self, waiter: Waiter, error: Exception | None = None) -> None:
+    def answer(self, waiter: Waiter, value: Any, error: Exception | None = None) -> None:
+        """The result of a call answered later (a pause, a weight update, a command)."""
         if error is not None:
             self.output.send(waiter.client_index, error_result(waiter.call_id, error))
         else:
-            self.output.send(waiter.client_index, UtilityResult(waiter.call_id, msgspec.to_builtins(self.state())))
+            self.output.send(waiter.client_index, UtilityResult(waiter.call_id, msgspec.to_builtins(value)))
+
+    def run_on_workers(self, make: Callable[[int], WorkerCommand], caller: Waiter) -> None:
+        """Send a command to every rank; `caller` gets the state once all succeeded, else the first error."""
+
+        def done(replies: list[WorkerReply]) -> None:
+            error = next((r.error for r in replies if r.error), None)
+            self.answer(caller, self.state(), None if error is None else UtilityError(error))
+
+        self.ops.run(make, done)
+
+    def resume_problem(self) -> str | None:
+        """Why resume must be refused now, or None."""
+        if self.weights.broken is not None:
+            return (f"the last weight update failed part-way ({self.weights.broken}) and the old weights "
+                    "could not be restored: update_weights must succeed before resume")  # fmt: skip
+        if self.sleep.asleep:
+            return f"the engine is asleep ({', '.join(sorted(self.sleep.asleep))}): wake_up() before resume()"
+        return None
+
+    def resume(self, kv: KvMode) -> None:
+        """Run again; with kv="recompute", requests a pause(keep) froze prefill their tokens again
+        (their KV came from weights since replaced). Pending pause(wait) calls are cancelled."""
+        if kv == "recompute" and not self.pause.runs_running:
+            logger.info("recomputing the KV of %d frozen request(s)", self.scheduler.recompute_running())
+        for waiter in self.pause.resume():
+            self.answer(waiter, None, UtilityError("pause(wait) was cancelled by resume"))
 
     def state(self) -> EngineState:
         """The engine's state and counts: frozen are running requests a pause(keep) holds; held
@@ -234,6 +278,10 @@ class EngineLoop:
             num_total_blocks=scheduler.pool.num_blocks,
             weight_version=scheduler.weight_version,
             num_preemptions=scheduler.num_preemptions,
+            updating_weights=self.weights.busy,
+            weights_error=self.weights.broken,
+            sleeping=sorted(self.sleep.asleep),
+            num_workers=self.ops.num_ranks,
         )
 
     def _check(self, message: AddRequest) -> str | None:

@@ -4,7 +4,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Optional
 
-from protocol.messages import AddRequest, FinishReason, Logprobs, SamplingParams
+from protocol.messages import AddRequest, FinishReason, Logprobs, SamplingParams, WeightSpan
 
 
 class Status(enum.Enum):
@@ -41,6 +41,7 @@ class Request:
     finish_reason: Optional[FinishReason] = None
     error: Optional[str] = None
     error_kind: Optional[str] = None
+    weight_spans: list[WeightSpan] = field(default_factory=list)  # over the output tokens
 
     @classmethod
     def from_message(cls, message: AddRequest) -> "Request":
@@ -73,7 +74,8 @@ class Request:
     def finished(self) -> bool:
         return self.status is Status.FINISHED
 
-    def append_token(self, token_id: int, logprobs: Optional[Logprobs]) -> None:
+    def append_token(self, token_id: int, logprobs: Optional[Logprobs], weight_version: str) -> None:
+        self._extend_spans(weight_version)
         self.all_token_ids.append(token_id)
         self.new_token_ids.append(token_id)
         if self.known_to_workers:
@@ -82,6 +84,14 @@ class Request:
             if self.new_logprobs is None:
                 self.new_logprobs = Logprobs([], [], [])
             self.new_logprobs.extend(logprobs)
+
+    def _extend_spans(self, weight_version: str) -> None:
+        """The new output token (at index `num_output_tokens`) joins its version's span."""
+        index, spans = self.num_output_tokens, self.weight_spans
+        if spans and spans[-1].version == weight_version:
+            spans[-1] = WeightSpan(weight_version, spans[-1].start, index + 1)
+        else:
+            spans.append(WeightSpan(weight_version, index, index + 1))
 
     def stop_reason(self, max_model_len: int) -> Optional[FinishReason]:
         """Why the request ends after its newest token, or None to go on."""
@@ -92,7 +102,8 @@ class Request:
         return None
 
     def forget_workers(self) -> None:
-        """After a preemption: the workers drop it, and it starts over from a prefix hit."""
+        """After a preemption or for a recompute: the workers drop it, and it starts over from a
+        prefix hit."""
         self.known_to_workers = False
         self.unsent_token_ids = []
         self.num_blocks_sent = 0

@@ -5,6 +5,9 @@ Each step: running requests first (in arrival order), each taking
 longest cached prefix, while the token budget, `max_num_seqs` and free blocks allow. A running
 request that cannot get a block preempts the newest running one, whose blocks are freed and
 which later starts over from its cached prefix (recompute).
+
+Cached blocks are keyed by the weights that computed them (`weights_generation`), so a request
+never reuses KV of older weights; `weight_version` is the label outputs carry.
 """
 
 import logging
@@ -14,7 +17,7 @@ from typing import Iterable, Optional
 
 from core.block_pool import BlockPool, hash_blocks
 from core.request import Request, Status
-from protocol.messages import CoreOutput, FinishReason
+from protocol.messages import INITIAL_WEIGHT_VERSION, CoreOutput, FinishReason
 from protocol.step import NewRequest, ScheduledRequest, StepPlan, StepResult
 
 logger = logging.getLogger(__name__)
@@ -41,7 +44,8 @@ class Scheduler:
     def __init__(self, pool: BlockPool, limits: SchedulerLimits) -> None:
         self.pool = pool
         self.limits = limits
-        self.weight_version = 0
+        self.weight_version = INITIAL_WEIGHT_VERSION
+        self.weights_generation = 0
         self.requests: dict[str, Request] = {}
         self.by_user_id: dict[str, set[str]] = defaultdict(set)
         self.waiting: deque[Request] = deque()
@@ -119,14 +123,39 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         logger.info("preempting %s: KV blocks ran out (it will be recomputed)", request.request_id)
+        self._requeue(request)
+        self.num_preemptions += 1
+
+    def _requeue(self, request: Request) -> None:
+        """Back to the head of the queue: its blocks are freed and its tokens prefilled again."""
         self.running.remove(request)
         self.pool.free(request.block_ids)
         if request.known_to_workers:
             self._finished_ids.append(request.request_id)
         request.forget_workers()
+        request.block_hashes = self._hashes(request, 0, None)
         request.status = Status.WAITING
         self.waiting.appendleft(request)
-        self.num_preemptions += 1
+
+    def new_weights(self, version: str) -> None:
+        """New weights are loaded: later KV is cached apart from the old. Waiting requests hashed
+        their blocks with the old weights, so they hash them again."""
+        self.weights_generation += 1
+        self.weight_version = version
+        for request in self.waiting:
+            request.block_hashes = self._hashes(request, 0, None)
+
+    def recompute_running(self) -> int:
+        """Every running request (frozen by a pause) goes back to the queue, in its order, to
+        prefill its prompt and the tokens it generated again; returns how many."""
+        requests = list(self.running)
+        for request in reversed(requests):
+            self._requeue(request)
+        return len(requests)
+
+    def reset_prefix_cache(self) -> int:
+        """Forget the cached KV of every block no request holds; returns how many blocks."""
+        return self.pool.forget_free_cached()
 
     def _plan(self, scheduled: list[tuple[Request, int]]) -> StepPlan:
         new_requests, deltas = [], []
@@ -166,7 +195,7 @@ class Scheduler:
             token = sampled.get(request.request_id)
             if token is None:
                 continue
-            request.append_token(token, result.logprobs.get(request.request_id))
+            request.append_token(token, result.logprobs.get(request.request_id), self.weight_version)
             request.block_hashes += self._hashes(request, len(request.block_hashes), request.block_hashes)
             reason = request.stop_reason(self.limits.max_model_len)
             if reason is not None:
@@ -250,7 +279,7 @@ class Scheduler:
 
     def _hashes(self, request: Request, start_block: int, known: Optional[list[int]]) -> list[int]:
         parent = known[-1] if known else None
-        return hash_blocks(request.all_token_ids, self.pool.block_size, start_block, parent, self.weight_version)
+        return hash_blocks(request.all_token_ids, self.pool.block_size, start_block, parent, self.weights_generation)
 
     def _output(self, request: Request) -> RoutedOutput:
         output = CoreOutput(
@@ -263,6 +292,7 @@ class Scheduler:
             request.num_cached_tokens,
             self.weight_version,
             request.error_kind,
+            list(request.weight_spans),
         )
         request.new_token_ids, request.new_logprobs = [], None
         return request.client_index, output

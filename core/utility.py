@@ -15,6 +15,18 @@ from core.pause import Waiter
 from protocol.codec import decode_args
 from protocol.errors import UtilityError, error_kind
 from protocol.messages import AbortArgs, AbortResult, EngineState, NoArgs, PauseArgs, UtilityCall, UtilityResult
+from protocol.weights import (
+    DestroyWeightGroup,
+    GroupNameArgs,
+    InitWeightGroup,
+    InitWeightGroupArgs,
+    ResumeArgs,
+    SleepArgs,
+    TransferArgs,
+    UpdateWeightsArgs,
+    VersionArgs,
+    WakeUpArgs,
+)
 
 if TYPE_CHECKING:
     from core.loop import EngineLoop
@@ -37,11 +49,16 @@ def is_paused(engine: "EngineLoop", args: NoArgs, call: UtilityCall) -> bool:
     return engine.pause.status == "paused"
 
 
+def caller(call: UtilityCall) -> Waiter:
+    return Waiter(call.client_index, call.call_id)
+
+
 def pause(engine: "EngineLoop", args: PauseArgs, call: UtilityCall) -> Any:
     """Answered (with the state) once paused: at once for abort and keep, after the drain for wait."""
     state = engine.pause
     if state.status != "running" and args.mode not in (state.mode, "abort"):
         raise UtilityError(f"the engine is already {state.status} ({state.mode}): resume before pause({args.mode})")
+    engine.weights.on_user_pause()
     if args.mode == "abort":
         engine.scheduler.abort_all()
         engine.fence_frontends()
@@ -51,13 +68,19 @@ def pause(engine: "EngineLoop", args: PauseArgs, call: UtilityCall) -> Any:
     if args.mode != "wait":
         engine.interrupt_step()
     # Answered by the loop's next settle, after it sent the aborted requests' final outputs.
-    state.waiters.append(Waiter(call.client_index, call.call_id))
+    state.waiters.append(caller(call))
     return DEFERRED
 
 
-def resume(engine: "EngineLoop", args: NoArgs, call: UtilityCall) -> EngineState:
-    for waiter in engine.pause.resume():
-        engine.answer(waiter, error=UtilityError("pause(wait) was cancelled by resume"))
+def resume(engine: "EngineLoop", args: ResumeArgs, call: UtilityCall) -> Any:
+    """Answered once scheduling runs again: after every weight update queued or running."""
+    if engine.weights.busy:
+        engine.weights.resume_after_updates(caller(call), args.kv)
+        return DEFERRED
+    problem = engine.resume_problem()
+    if problem is not None:
+        raise UtilityError(problem)
+    engine.resume(args.kv)
     return engine.state()
 
 
@@ -73,14 +96,96 @@ def abort_all(engine: "EngineLoop", args: NoArgs, call: UtilityCall) -> AbortRes
     return result
 
 
+def update_weights(engine: "EngineLoop", args: UpdateWeightsArgs, call: UtilityCall) -> Any:
+    engine.weights.submit(caller(call), args, from_client=False)
+    return DEFERRED
+
+
+def begin_weight_transfer(engine: "EngineLoop", args: UpdateWeightsArgs, call: UtilityCall) -> Any:
+    """Answered `{"transfer_id"}` once every rank checked the tensors it declares."""
+    engine.weights.submit(caller(call), args, from_client=True)
+    return DEFERRED
+
+
+def weight_chunk(engine: "EngineLoop", args: TransferArgs, call: UtilityCall) -> Any:
+    engine.weights.add_chunk(caller(call), args.transfer_id, call.tensors)
+    return DEFERRED
+
+
+def end_weight_transfer(engine: "EngineLoop", args: TransferArgs, call: UtilityCall) -> Any:
+    engine.weights.finish_transfer(caller(call), args.transfer_id, args.commit)
+    return DEFERRED
+
+
+def init_weight_group(engine: "EngineLoop", args: InitWeightGroupArgs, call: UtilityCall) -> Any:
+    """Answered once every rank joined (the trainer joins meanwhile)."""
+    if not 0 < args.master_port < 65536:
+        raise UtilityError(f"master_port must be in 1..65535, got {args.master_port}")
+    if not 0 < args.rank_offset <= args.world_size - engine.ops.num_ranks:
+        raise UtilityError(
+            f"rank_offset {args.rank_offset} and {engine.ops.num_ranks} worker rank(s) do not fit in "
+            f"world_size {args.world_size} (the trainer is rank 0)"
+        )
+    engine.run_on_workers(lambda op_id: InitWeightGroup(op_id, args), caller(call))
+    return DEFERRED
+
+
+def destroy_weight_group(engine: "EngineLoop", args: GroupNameArgs, call: UtilityCall) -> Any:
+    engine.run_on_workers(lambda op_id: DestroyWeightGroup(op_id, args.group_name), caller(call))
+    return DEFERRED
+
+
+def get_weight_version(engine: "EngineLoop", args: NoArgs, call: UtilityCall) -> str:
+    return engine.scheduler.weight_version
+
+
+def set_weight_version(engine: "EngineLoop", args: VersionArgs, call: UtilityCall) -> str:
+    """A new label for the weights in place: nothing is aborted, nothing recomputed."""
+    if not args.version:
+        raise UtilityError("version must be a non-empty string")
+    engine.scheduler.weight_version = args.version
+    return args.version
+
+
+def reset_prefix_cache(engine: "EngineLoop", args: NoArgs, call: UtilityCall) -> int:
+    """Never fails: blocks that running or frozen requests hold stay, the rest are dropped."""
+    return engine.scheduler.reset_prefix_cache()
+
+
+def sleep(engine: "EngineLoop", args: SleepArgs, call: UtilityCall) -> Any:
+    engine.sleep.sleep(caller(call), args.level)
+    return DEFERRED
+
+
+def wake_up(engine: "EngineLoop", args: WakeUpArgs, call: UtilityCall) -> Any:
+    engine.sleep.wake_up(caller(call), args.tags)
+    return DEFERRED
+
+
+def is_sleeping(engine: "EngineLoop", args: NoArgs, call: UtilityCall) -> bool:
+    return bool(engine.sleep.asleep)
+
+
 UTILITIES: dict[str, tuple[Handler, type]] = {
     "ping": (ping, NoArgs),
     "get_state": (get_state, NoArgs),
     "is_paused": (is_paused, NoArgs),
     "pause": (pause, PauseArgs),
-    "resume": (resume, NoArgs),
+    "resume": (resume, ResumeArgs),
     "abort": (abort, AbortArgs),
     "abort_all": (abort_all, NoArgs),
+    "update_weights": (update_weights, UpdateWeightsArgs),
+    "begin_weight_transfer": (begin_weight_transfer, UpdateWeightsArgs),
+    "weight_chunk": (weight_chunk, TransferArgs),
+    "end_weight_transfer": (end_weight_transfer, TransferArgs),
+    "init_weight_group": (init_weight_group, InitWeightGroupArgs),
+    "destroy_weight_group": (destroy_weight_group, GroupNameArgs),
+    "get_weight_version": (get_weight_version, NoArgs),
+    "set_weight_version": (set_weight_version, VersionArgs),
+    "reset_prefix_cache": (reset_prefix_cache, NoArgs),
+    "sleep": (sleep, SleepArgs),
+    "wake_up": (wake_up, WakeUpArgs),
+    "is_sleeping": (is_sleeping, NoArgs),
 }
 
 

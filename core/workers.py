@@ -1,14 +1,15 @@
-"""Talking to the worker ranks: every rank gets every plan; rank 0 answers with the result.
+"""Talking to the worker ranks: every rank gets every plan and command; rank 0 answers a plan
+with its result, every rank answers a command (weights, weight groups, sleep).
 
-A thread owns the socket. The loop submits a plan and the result arrives on the loop's own
-event queue, beside the frontends' inputs, so the loop serves inputs while a step runs.
+A thread owns the socket. The loop submits a plan or command and the answers arrive on the
+loop's own event queue, beside the frontends' inputs, so the loop serves inputs meanwhile.
 """
 
 import logging
 import queue
 import threading
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import msgspec
 import zmq
@@ -17,6 +18,7 @@ from protocol.codec import Decoder, Encoder
 from protocol.config import EngineConfig
 from protocol.process import make_socket, pid_alive
 from protocol.step import CoreToWorker, InterruptStep, Shutdown, StepPlan, WorkerReady, WorkerToCore
+from protocol.weights import WorkerCommand, WorkerReply
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +72,14 @@ class WorkerGroup:
             raise RuntimeError(failed[0].error)
         return readies
 
-    def submit(self, plan: StepPlan) -> None:
-        """Run a step; its `StepResult` arrives on the events queue."""
-        self._plans.put(plan)
+    @property
+    def num_workers(self) -> int:
+        return self._num_workers
+
+    def submit(self, message: StepPlan | WorkerCommand) -> None:
+        """Run a step (its `StepResult` arrives on the events queue) or a command (each rank's
+        `WorkerReply` does)."""
+        self._plans.put(message)
 
     def interrupt(self, step_id: int) -> None:
         """Ask every rank to abandon step `step_id`; its result may still come complete."""
@@ -90,7 +97,7 @@ class WorkerGroup:
         self._interrupts.close()
 
     def _serve(self) -> None:
-        """Strictly one plan in flight: readies first, then plan → result, plan → result."""
+        """Strictly one message in flight: readies first, then plan → result, command → replies."""
         try:
             for _ in range(self._num_workers):
                 self._receive_one()
@@ -102,7 +109,8 @@ class WorkerGroup:
                 self._broadcast(message)
                 if isinstance(message, Shutdown):
                     return
-                self._receive_one()
+                for _ in range(1 if isinstance(message, StepPlan) else self._num_workers):
+                    self._receive_one()
         finally:
             self._socket.close()
 
@@ -128,3 +136,41 @@ class WorkerGroup:
             return False
         (self._readies if isinstance(message, WorkerReady) else self._events).put(message)
         return True
+
+
+class WorkerOps:
+    """Commands every rank answers: `on_done` gets the replies, in rank order, once all came.
+    Used from the loop's thread only."""
+
+    def __init__(self, submit: Callable[[WorkerCommand], None], num_ranks: int) -> None:
+        self._submit = submit
+        self._num_ranks = num_ranks
+        self._pending: dict[int, tuple[list[WorkerReply], Callable[[list[WorkerReply]], None]]] = {}
+        self._next_op_id = 0
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._pending)
+
+    @property
+    def num_ranks(self) -> int:
+        return self._num_ranks
+
+    def run(self, make: Callable[[int], WorkerCommand], on_done: Callable[[list[WorkerReply]], None]) -> int:
+        """Send `make(op_id)` to every rank; returns the op id."""
+        op_id = self._next_op_id
+        self._next_op_id += 1
+        self._pending[op_id] = ([], on_done)
+        self._submit(make(op_id))
+        return op_id
+
+    def on_reply(self, reply: WorkerReply) -> None:
+        entry = self._pending.get(reply.op_id)
+        if entry is None:
+            logger.error("dropped a reply to command %d, which is not running", reply.op_id)
+            return
+        replies, on_done = entry
+        replies.append(reply)
+        if len(replies) == self._num_ranks:
+            del self._pending[reply.op_id]
+            on_done(sorted(replies, key=lambda r: r.rank))

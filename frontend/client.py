@@ -45,8 +45,10 @@ from protocol.messages import (
     StreamOutputs,
     validate_sampling,
 )
+from protocol.weights import ResumeArgs, TensorPiece
 
 from frontend.sockets import monitor_socket, send_now
+from frontend.weight_calls import BlockingWeightCalls, WeightCalls
 
 __all__ = ["AsyncClient", "Client", "RequestOutput", "EngineDeadError", "EnginePausedError",
            "InvalidRequestError", "UtilityError"]
@@ -55,8 +57,9 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class AsyncClient:
-    """A connection to one frontend; many concurrent streams and calls may share it."""
+class AsyncClient(WeightCalls):
+    """A connection to one frontend; many concurrent streams and calls may share it. The weight
+    calls (`update_weights`, `init_weight_group`, `sleep`, ...) come from `WeightCalls`."""
 
     def __init__(self, address: str, timeout: float = 30.0) -> None:
         self.address = address
@@ -143,14 +146,17 @@ class AsyncClient:
             if not finished and self._dead is None:
                 self._send(CancelStream(request.stream_id))
 
-    async def call(self, method: str, args: Any = None, timeout: float | None = None) -> Any:
-        """A utility call (`args`: a struct or dict of the method's arguments); its value."""
+    async def call(
+        self, method: str, args: Any = None, timeout: float | None = None, tensors: list[TensorPiece] | None = None
+    ) -> Any:
+        """A utility call (`args`: a struct or dict of the method's arguments; `tensors`: pieces of
+        a weight transfer, sent as side frames); its value."""
         self._check_alive()
         call_id = next(self._ids)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._calls[call_id] = future
         try:
-            self._send(ClientCall(call_id, method, encode_args(args)))
+            self._send(ClientCall(call_id, method, encode_args(args), tensors or []))
             return await asyncio.wait_for(future, timeout or self.timeout)
         except TimeoutError:
             raise TimeoutError(f"{method} got no answer within {timeout or self.timeout} s")
@@ -170,8 +176,10 @@ class AsyncClient:
         """Returns once paused: abort and keep at once, wait after the last running request ended."""
         return msgspec.convert(await self.call("pause", PauseArgs(mode), timeout), EngineState)
 
-    async def resume(self) -> EngineState:
-        return msgspec.convert(await self.call("resume"), EngineState)
+    async def resume(self, kv: str = "keep") -> EngineState:
+        """Run again. After a weight update, `kv="recompute"` prefills each frozen request's tokens
+        with the new weights first; "keep" continues on the KV the old ones computed."""
+        return msgspec.convert(await self.call("resume", ResumeArgs(kv)), EngineState)
 
     async def abort(self, request_ids: Iterable[str]) -> AbortResult:
         """Abort by the users' ids; returns after the aborted requests' final outputs were sent."""
@@ -239,7 +247,7 @@ class AsyncClient:
             send_now(self._sock, self._encoder.encode(message))
 
 
-class Client:
+class Client(BlockingWeightCalls):
     """`AsyncClient`'s calls, blocking: they run on an event loop in a background thread."""
 
     def __init__(self, address: str, timeout: float = 30.0) -> None:
@@ -294,8 +302,8 @@ class Client:
     def pause(self, mode: str = "abort", timeout: float | None = None) -> EngineState:
         return self._run(self._async.pause(mode, timeout))
 
-    def resume(self) -> EngineState:
-        return self._run(self._async.resume())
+    def resume(self, kv: str = "keep") -> EngineState:
+        return self._run(self._async.resume(kv))
 
     def abort(self, request_ids: Iterable[str]) -> AbortResult:
         return self._run(self._async.abort(request_ids))

@@ -36,6 +36,7 @@ from protocol.messages import (
     UtilityResult,
 )
 from protocol.process import make_socket
+from protocol.weights import TensorPiece
 
 from frontend.sockets import monitor_socket, send_now
 
@@ -73,15 +74,16 @@ class CoreClient:
     def hello(self) -> None:
         self._send(FrontendHello(client_index=self.index, pid=os.getpid()))
 
-    def call(self, method: str, args: bytes = b"") -> asyncio.Future[Any]:
-        """Start a utility call; the future resolves with its value or fails with a typed error."""
+    def call(self, method: str, args: bytes = b"", tensors: list[TensorPiece] | None = None) -> asyncio.Future[Any]:
+        """Start a utility call (`tensors`: a weight chunk's pieces, sent as side frames); the
+        future resolves with its value or fails with a typed error."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if self.dead_reason is not None:
             future.set_exception(EngineDeadError(self.dead_reason))
             return future
         self._next_call_id += 1
         self._futures[self._next_call_id] = future
-        self._send(UtilityCall(self.index, self._next_call_id, method, args))
+        self._send(UtilityCall(self.index, self._next_call_id, method, args, tensors or []))
         return future
 
     async def run(self, handler: CoreOutputHandler) -> None:

@@ -61,6 +61,7 @@ class RequestState:
             num_output_tokens=self.num_output_tokens,
             cached_tokens=self.cached_tokens,
             weight_version=out.weight_version,
+            weight_versions=out.weight_versions,
         )
         return OutputUpdate(output, stopped_by_string=delta.stopped and not out.finish_reason)
 

@@ -61,10 +61,11 @@ class Server:
 
     async def run(self) -> None:
         while True:
-            client, *frames = await self._sock.recv_multipart()
-            self._handle(client, frames)
+            # Not copied: a weight chunk's tensors go on to the core from the received buffers.
+            identity, *frames = await self._sock.recv_multipart(copy=False)
+            self._handle(identity.bytes, [frame.buffer for frame in frames])
 
-    def _handle(self, client: bytes, frames: list[bytes]) -> None:
+    def _handle(self, client: bytes, frames: list[memoryview]) -> None:
         try:
             message = self._decoder.decode(frames)
         except (msgspec.DecodeError, msgspec.ValidationError, IndexError) as error:
@@ -160,7 +161,7 @@ class Server:
             self._core.abort([request_id])
 
     def _call(self, client: bytes, call: ClientCall) -> None:
-        future = self._core.call(call.method, call.args)
+        future = self._core.call(call.method, call.args, call.tensors)
         future.add_done_callback(
             lambda done: self._send(client, _call_result(call.call_id, done.exception(), done))
         )
@@ -211,7 +212,7 @@ class Server:
             for key in gone:
                 self._cancel(key)
 
-    def _answer_malformed(self, client: bytes, frames: list[bytes], error: str) -> None:
+    def _answer_malformed(self, client: bytes, frames: list[memoryview], error: str) -> None:
         """Answer a frame that did not decode, when its tag and id can still be read."""
         try:
             raw = msgspec.msgpack.decode(frames[0])

@@ -12,6 +12,8 @@ from typing import Any, Literal, Optional
 
 import msgspec
 
+from protocol.weights import TensorPiece
+
 FinishReason = Literal["stop", "length", "abort", "error"]
 
 
@@ -70,8 +72,20 @@ class Logprobs(msgspec.Struct, array_like=True):
         self.top_logprobs.extend(other.top_logprobs)
 
 
+class WeightSpan(msgspec.Struct, array_like=True, frozen=True):
+    """Output tokens `[start, end)` of a request were sampled with weight version `version`."""
+
+    version: str
+    start: int
+    end: int
+
+
+INITIAL_WEIGHT_VERSION = "0"
+
+
 class RequestOutput(msgspec.Struct, array_like=True):
-    """What a client receives: `text`, `token_ids` and `logprobs` are new since the previous output."""
+    """What a client receives: `text`, `token_ids` and `logprobs` are new since the previous output;
+    `weight_versions` spans every output token so far."""
 
     request_id: str
     text: str = ""
@@ -82,7 +96,8 @@ class RequestOutput(msgspec.Struct, array_like=True):
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     cached_tokens: int = 0
-    weight_version: int = 0
+    weight_version: str = INITIAL_WEIGHT_VERSION
+    weight_versions: list[WeightSpan] = []
 
     @property
     def finished(self) -> bool:
@@ -113,11 +128,13 @@ class CancelStream(msgspec.Struct, tag="cancel", array_like=True):
 
 
 class ClientCall(msgspec.Struct, tag="call", array_like=True):
-    """A utility call from a client; `args` is the msgpack encoding of the method's argument struct."""
+    """A utility call from a client; `args` is the msgpack encoding of the method's argument struct,
+    `tensors` the pieces of a weight transfer (side frames)."""
 
     call_id: int
     method: str
     args: bytes = b""
+    tensors: list[TensorPiece] = []
 
 
 ClientMessage = GenerateRequest | CancelStream | ClientCall
@@ -187,6 +204,7 @@ class UtilityCall(msgspec.Struct, tag="utility", array_like=True):
     call_id: int
     method: str
     args: bytes = b""
+    tensors: list[TensorPiece] = []
 
 
 class AbortFenceAck(msgspec.Struct, tag="fence_ack", array_like=True):
@@ -207,7 +225,7 @@ class EngineReady(msgspec.Struct, tag="ready", array_like=True):
     max_model_len: int
     num_kv_blocks: int
     block_size: int
-    weight_version: int = 0
+    weight_version: str = INITIAL_WEIGHT_VERSION
 
 
 class CoreOutput(msgspec.Struct, array_like=True):
@@ -218,8 +236,9 @@ class CoreOutput(msgspec.Struct, array_like=True):
     error: Optional[str] = None
     num_prompt_tokens: int = 0
     cached_tokens: int = 0
-    weight_version: int = 0
+    weight_version: str = INITIAL_WEIGHT_VERSION
     error_kind: Optional[str] = None  # set when the request is refused with a typed error
+    weight_versions: list[WeightSpan] = []
 
 
 class CoreOutputs(msgspec.Struct, tag="outputs", array_like=True):
@@ -276,5 +295,9 @@ class EngineState(msgspec.Struct):
     num_waiting: int
     num_free_blocks: int
     num_total_blocks: int
-    weight_version: int = 0
+    weight_version: str = INITIAL_WEIGHT_VERSION
     num_preemptions: int = 0
+    updating_weights: bool = False
+    weights_error: Optional[str] = None  # a failed update left weights that must not serve
+    sleeping: list[str] = []  # what sleep() took off the device: "weights", "kv_cache"
+    num_workers: int = 1  # worker ranks (a trainer's weight group holds them and itself)

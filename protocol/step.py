@@ -11,6 +11,7 @@ from typing import Optional
 import msgspec
 
 from protocol.messages import Logprobs, SamplingParams
+from protocol.weights import WorkerCommand, WorkerReply
 
 
 class NewRequest(msgspec.Struct, array_like=True):
@@ -78,5 +79,5 @@ class InterruptStep(msgspec.Struct, tag="interrupt", array_like=True):
     step_id: int
 
 
-CoreToWorker = StepPlan | Shutdown
-WorkerToCore = StepResult | WorkerReady
+CoreToWorker = StepPlan | Shutdown | WorkerCommand
+WorkerToCore = StepResult | WorkerReady | WorkerReply

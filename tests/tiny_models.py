@@ -39,3 +39,18 @@ def save_tiny_model(config, folder: Path, tokenizer_folder: Path | None = None, 
         if (tokenizer_folder / name).exists():
             shutil.copy(tokenizer_folder / name, Path(folder) / name)
     return Path(folder)
+
+
+def perturbed_copy(folder: Path, target: Path, seed: int, scale: float = 0.5) -> Path:
+    """The model at `folder` with seeded noise added to every parameter, saved at `target` with
+    its tokenizer files: another model of the same shape."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * scale * param.std().clamp(min=1e-3))
+    model.save_pretrained(target)
+    for name in TOKENIZER_FILES:
+        if (Path(folder) / name).exists():
+            shutil.copy(Path(folder) / name, Path(target) / name)
+    return Path(target)

@@ -1,4 +1,5 @@
-"""The worker process: load the model, allocate the KV pool, say ready, then run every step the core sends."""
+"""The worker process: load the model, allocate the KV pool, say ready, then run every step and
+command (weights, weight groups, sleep) the core sends."""
 
 import logging
 import sys
@@ -13,9 +14,10 @@ from protocol.config import EngineConfig
 from protocol.process import configure_logging, make_socket, set_process_title, watch_parent_and_peers
 from protocol.step import CoreToWorker, Shutdown, StepPlan, StepResult, WorkerReady
 from worker import parallel
+from worker.commands import WorkerCommands, one_line
 from worker.interrupts import InterruptWatcher
 from worker.kv_cache import allocate_kv_cache, kv_shape, max_model_len_for, num_blocks_for, torch_dtype
-from worker.model_loader import ModelError, check_model_config, load_model
+from worker.model_loader import check_model_config, load_model
 from worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -35,13 +37,13 @@ def run_worker(config: EngineConfig, rank: int) -> None:
     interrupts.start()
     try:
         try:
-            runner, ready = _start(config, rank, interrupts)
+            runner, commands, ready = _start(config, rank, interrupts)
         except Exception as error:  # any start-up failure is reported as one line, then exit 1
             logger.exception("worker %d failed to start", rank)
-            sock.send_multipart(encoder.encode(WorkerReady(rank, 0, 0, error=_one_line(error))))
+            sock.send_multipart(encoder.encode(WorkerReady(rank, 0, 0, error=one_line(error))))
             sys.exit(1)
         sock.send_multipart(encoder.encode(ready))
-        _serve(sock, runner, encoder, rank)
+        _serve(sock, runner, commands, encoder, rank)
     finally:
         interrupts.stop()
         sock.close()
@@ -49,7 +51,9 @@ def run_worker(config: EngineConfig, rank: int) -> None:
         parallel.shutdown_tensor_parallel()
 
 
-def _start(config: EngineConfig, rank: int, interrupts: InterruptWatcher) -> tuple[ModelRunner, WorkerReady]:
+def _start(
+    config: EngineConfig, rank: int, interrupts: InterruptWatcher
+) -> tuple[ModelRunner, WorkerCommands, WorkerReady]:
     tp_size = config.workers
     model_config = transformers.AutoConfig.from_pretrained(config.model)
     check_model_config(model_config, tp_size)
@@ -64,11 +68,13 @@ def _start(config: EngineConfig, rank: int, interrupts: InterruptWatcher) -> tup
     max_len = max_model_len_for(config.max_model_len, model_config, num_blocks, config.block_size)
     # transformers shards the model for tensor parallelism; the native forward runs one rank.
     runner = ModelRunner(model, kv_cache, device, is_driver=rank == 0, native=tp_size == 1, interrupts=interrupts)
-    return runner, WorkerReady(rank=rank, num_kv_blocks=num_blocks, max_model_len=max_len)
+    commands = WorkerCommands(model, kv_cache, rank, device)
+    return runner, commands, WorkerReady(rank=rank, num_kv_blocks=num_blocks, max_model_len=max_len)
 
 
-def _serve(sock: zmq.Socket, runner: ModelRunner, encoder: Encoder, rank: int) -> None:
-    """Run plans until `Shutdown`. A bad frame is logged and skipped; a failed step answers an error."""
+def _serve(sock: zmq.Socket, runner: ModelRunner, commands: WorkerCommands, encoder: Encoder, rank: int) -> None:
+    """Run plans and commands until `Shutdown`. A bad frame is logged and skipped; a failed step
+    answers an error (rank 0 answers a step, every rank a command)."""
     decoder = Decoder(CoreToWorker)
     while True:
         if not sock.poll(POLL_MS):
@@ -87,6 +93,8 @@ def _serve(sock: zmq.Socket, runner: ModelRunner, encoder: Encoder, rank: int) -
                 result = _execute(runner, message)
                 if rank == 0:
                     sock.send_multipart(encoder.encode(result))
+            case _:
+                sock.send_multipart(encoder.encode(commands.handle(message)))
 
 
 def _execute(runner: ModelRunner, plan: StepPlan) -> StepResult:
@@ -94,11 +102,6 @@ def _execute(runner: ModelRunner, plan: StepPlan) -> StepResult:
         return runner.execute(plan)
     except Exception as error:  # the step fails, the worker keeps serving
         logger.exception("step %d failed", plan.step_id)
-        return StepResult(step_id=plan.step_id, error=_one_line(error))
+        return StepResult(step_id=plan.step_id, error=one_line(error))
 
 
-def _one_line(error: BaseException) -> str:
-    """A clear message for the core: a `ModelError` already is one; others get their type name."""
-    lines = str(error).strip().splitlines()
-    first = lines[0] if lines else ""
-    return first if isinstance(error, ModelError) else f"{type(error).__name__}: {first}"

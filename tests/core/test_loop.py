@@ -29,9 +29,27 @@ class RecordingOutput:
         self.sent.append((client_index, message))
 
 
-def make_loop(output: RecordingOutput, inbox: queue.Queue) -> EngineLoop:
+class RecordingWorkers:
+    """Stands in for the worker ranks: what the loop submitted, in order; nothing answers."""
+
+    def __init__(self, num_workers: int = 1) -> None:
+        self.num_workers = num_workers
+        self.submitted: list[object] = []
+
+    def submit(self, message: object) -> None:
+        self.submitted.append(message)
+
+    def interrupt(self, step_id: int) -> None:
+        pass
+
+    def check_alive(self) -> None:
+        pass
+
+
+def make_loop(output: RecordingOutput, inbox: queue.Queue, workers: RecordingWorkers | None = None) -> EngineLoop:
     scheduler = Scheduler(BlockPool(64, 4), SchedulerLimits(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64))
-    return EngineLoop(scheduler, None, inbox, output, EngineReady(max_model_len=64, num_kv_blocks=64, block_size=4))
+    ready = EngineReady(max_model_len=64, num_kv_blocks=64, block_size=4)
+    return EngineLoop(scheduler, workers or RecordingWorkers(), inbox, output, ready)
 
 
 def add(i: int) -> AddRequest:

@@ -140,3 +140,60 @@ def test_abort_waiting_request_gives_one_final_output():
     outputs = scheduler.take_finished_outputs()
     assert [(o.request_id, o.finish_reason) for _, o in outputs] == [("b", "abort")]
     assert [r.request_id for r in scheduler.waiting] == []
+
+
+def test_blocks_computed_with_old_weights_are_never_reused_after_new_weights():
+    scheduler = make_scheduler()
+    add(scheduler, "a", range(9), max_tokens=1)
+    run_step(scheduler)  # caches blocks 0 and 1 (8 tokens)
+    held = add(scheduler, "held", range(9), max_tokens=1)  # arrived before the update, waits
+    scheduler.new_weights("v1")
+    add(scheduler, "new", range(9), max_tokens=1)
+    step = scheduler.schedule()
+    assert [r.num_computed_tokens for r, _ in step.requests] == [0, 0]
+    assert held in [r for r, _ in step.requests]
+    scheduler.update(step, sample_all(step))
+    add(scheduler, "after", range(9), max_tokens=1)
+    step = scheduler.schedule()
+    assert step.requests[0][0].num_computed_tokens == 8  # blocks of the new weights are reused
+
+
+def test_recompute_requeues_running_requests_in_order_and_keeps_their_tokens():
+    scheduler = make_scheduler()
+    a, b = add(scheduler, "a", range(5), max_tokens=9), add(scheduler, "b", range(6), max_tokens=9)
+    run_step(scheduler)
+    run_step(scheduler)
+    assert scheduler.recompute_running() == 2
+    assert [r.request_id for r in scheduler.waiting] == ["a", "b"] and scheduler.pool.num_free == 16
+    step = scheduler.schedule()
+    assert sorted(step.plan.finished_ids) == ["a", "b"]  # the workers drop their old rows
+    # Each sends its prompt and 2 sampled tokens again; the first full block is a prefix hit.
+    new = [(n.request_id, len(n.token_ids), n.num_computed_tokens) for n in step.plan.new_requests]
+    assert new == [("a", 7, 4), ("b", 8, 4)]
+    assert (a.num_output_tokens, b.num_output_tokens) == (2, 2)
+
+
+def test_output_spans_follow_the_weight_version_of_each_token():
+    scheduler = make_scheduler()
+    add(scheduler, "a", range(3), max_tokens=4)
+    run_step(scheduler)
+    scheduler.weight_version = "relabelled"
+    run_step(scheduler)
+    scheduler.new_weights("v2")
+    _, outputs = run_step(scheduler)
+    spans = [(s.version, s.start, s.end) for s in outputs[0][1].weight_versions]
+    assert spans == [("0", 0, 1), ("relabelled", 1, 2), ("v2", 2, 3)]
+    assert outputs[0][1].weight_version == "v2"
+
+
+def test_reset_prefix_cache_drops_only_blocks_no_request_holds():
+    scheduler = make_scheduler()
+    add(scheduler, "done", range(9), max_tokens=1)
+    run_step(scheduler)
+    add(scheduler, "running", range(100, 109), max_tokens=5)
+    run_step(scheduler)
+    assert scheduler.reset_prefix_cache() == 2
+    assert scheduler.reset_prefix_cache() == 0
+    add(scheduler, "again", range(100, 109), max_tokens=1)
+    step = scheduler.schedule()
+    assert step.requests[-1][0].num_computed_tokens == 8  # the running request's blocks stayed cached
