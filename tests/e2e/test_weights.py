@@ -23,6 +23,7 @@ from tests.reference import assert_matches_greedy
 pytestmark = pytest.mark.timeout(300)
 
 TRAINER = Path(__file__).with_name("trainer_child.py")
+LONG = 300  # a stream this long is still running when a pause lands, however fast the machine
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,7 @@ def test_resume_recompute_continues_each_frozen_request_with_the_new_weights(eng
             await control.pause("abort")
             await control.update_weights(path=str(models.folders["b"]), version=f"before-{kv}")
             await control.resume()
-            stream = Stream(generating, token_ids=prompt, max_tokens=40, temperature=0.0, ignore_eos=True,
+            stream = Stream(generating, token_ids=prompt, max_tokens=LONG, temperature=0.0, ignore_eos=True,
                             request_id=f"frozen-{kv}")  # fmt: skip
             await until(lambda: len(stream.tokens) >= 10)
             frozen = await control.pause("keep")
@@ -92,16 +93,16 @@ def test_resume_recompute_continues_each_frozen_request_with_the_new_weights(eng
     tokens, final = stream.tokens, stream.final
     spans = [(s.version, s.start, s.end) for s in final.weight_versions]
     split = spans[0][2]
-    assert spans == [("before-recompute", 0, split), ("after-recompute", split, 40)] and 10 <= split < 40
-    assert final.finish_reason == "length" and len(tokens) == 40 and final.num_output_tokens == 40
+    assert spans == [("before-recompute", 0, split), ("after-recompute", split, LONG)] and 10 <= split < LONG
+    assert final.finish_reason == "length" and len(tokens) == LONG and final.num_output_tokens == LONG
     assert_matches_greedy(models.reference("b"), prompt, tokens[:split], models.greedy("b", prompt, split))
     context = prompt + tokens[:split]
-    assert_matches_greedy(models.reference("c"), context, tokens[split:], models.greedy("c", context, 40 - split))
+    assert_matches_greedy(models.reference("c"), context, tokens[split:], models.greedy("c", context, LONG - split))
 
     _, kept = asyncio.run(frozen_update("keep"))
     spans = [(s.version, s.start, s.end) for s in kept.final.weight_versions]
-    assert [s[0] for s in spans] == ["before-keep", "after-keep"] and spans[0][2] == spans[1][1] and spans[1][2] == 40
-    assert kept.final.finish_reason == "length" and len(kept.tokens) == 40
+    assert [s[0] for s in spans] == ["before-keep", "after-keep"] and spans[0][2] == spans[1][1] and spans[1][2] == LONG
+    assert kept.final.finish_reason == "length" and len(kept.tokens) == LONG
     split = spans[0][2]
     assert_matches_greedy(models.reference("b"), prompt, kept.tokens[:split], models.greedy("b", prompt, split))
 
@@ -121,20 +122,20 @@ def test_a_prompt_cached_before_an_update_is_computed_again_after_it(engine, mod
             await control.resume()
             after = await greedy_outputs(generating, [prompt])
             again = await greedy_outputs(generating, [prompt])
-            stream = Stream(generating, token_ids=prompt, max_tokens=60, temperature=0.0, ignore_eos=True)
+            stream = Stream(generating, token_ids=prompt, max_tokens=LONG, temperature=0.0, ignore_eos=True)
             await until(lambda: len(stream.tokens) >= 3)
-            await control.pause("keep")
+            frozen = await control.pause("keep")
             dropped = await control.reset_prefix_cache()
             await control.resume()
             await asyncio.wait_for(stream.task, 60)
-            return first[0], second[0], after[0], again[0], dropped, stream
+            return first[0], second[0], after[0], again[0], frozen, dropped, stream
 
-    first, second, after, again, dropped, stream = asyncio.run(run())
+    first, second, after, again, frozen, dropped, stream = asyncio.run(run())
     assert second.cached_tokens == 32 and second.token_ids == first.token_ids
     assert after.cached_tokens == 0 and again.cached_tokens == 32
     assert_matches_greedy(models.reference("c"), prompt, after.token_ids, models.greedy("c", prompt))
-    assert dropped >= 2  # at least the blocks the old weights computed
-    assert stream.final.finish_reason == "length" and len(stream.tokens) == 60
+    assert frozen.num_frozen == 1 and dropped >= 2  # at least the blocks the old weights computed
+    assert stream.final.finish_reason == "length" and len(stream.tokens) == LONG
 
 
 def _truncated_copy(folder: Path, target: Path) -> Path:
@@ -220,7 +221,7 @@ def test_a_trainer_killed_mid_broadcast_leaves_the_old_weights(engine, models):
 def test_set_weight_version_relabels_frozen_requests_without_aborting_them(engine, models):
     async def run():
         async with two_clients(engine) as (generating, control):
-            stream = Stream(generating, token_ids=PROMPTS[0], max_tokens=30, temperature=0.0, ignore_eos=True)
+            stream = Stream(generating, token_ids=PROMPTS[0], max_tokens=LONG, temperature=0.0, ignore_eos=True)
             await until(lambda: len(stream.tokens) >= 5)
             await control.pause("keep")
             old = await control.get_weight_version()
@@ -232,7 +233,7 @@ def test_set_weight_version_relabels_frozen_requests_without_aborting_them(engin
 
     old, state, stream = asyncio.run(run())
     assert state.num_frozen == 1 and state.weight_version == "relabelled"
-    assert stream.final.finish_reason == "length" and len(stream.tokens) == 30
+    assert stream.final.finish_reason == "length" and len(stream.tokens) == LONG
     assert [s.version for s in stream.final.weight_versions] == [old, "relabelled"]
 
 
@@ -282,7 +283,7 @@ def test_sleep_frees_the_kv_cache_and_holds_requests_until_wake(engine, models):
             await control.pause("abort")
             await control.update_weights(path=str(models.folders["b"]))
             await control.resume()
-            frozen = Stream(generating, token_ids=prompt, max_tokens=30, temperature=0.0, ignore_eos=True)
+            frozen = Stream(generating, token_ids=prompt, max_tokens=LONG, temperature=0.0, ignore_eos=True)
             await until(lambda: len(frozen.tokens) >= 5)
             await control.pause("keep")
             asleep = await control.sleep(level=1)
@@ -300,7 +301,7 @@ def test_sleep_frees_the_kv_cache_and_holds_requests_until_wake(engine, models):
     asleep, held_state, outputs_while_asleep, sleeping, frozen, held = asyncio.run(run())
     assert asleep.sleeping == ["kv_cache"] and asleep.num_frozen == 0 and sleeping
     assert held_state.num_held == 2 and outputs_while_asleep == 0  # the frozen one is queued again
-    assert_matches_greedy(models.reference("b"), prompt, frozen.tokens, models.greedy("b", prompt, 30))
+    assert_matches_greedy(models.reference("b"), prompt, frozen.tokens, models.greedy("b", prompt, LONG))
     assert_matches_greedy(models.reference("b"), PROMPTS[0], held.tokens, models.greedy("b", PROMPTS[0]))
 
 
