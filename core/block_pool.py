@@ -17,7 +17,7 @@ def hash_blocks(
     token_ids: Sequence[int], block_size: int, start_block: int, parent: BlockHash | None, salt: Hashable
 ) -> list[BlockHash]:
     """Hashes of the full blocks of `token_ids` from `start_block` on, chained from `parent`.
-    `salt` (the weights' generation) keeps caches of different weights apart."""
+    `salt` (the weights' generation, the request's cache salt) keeps caches apart."""
     hashes = []
     for first in range(start_block * block_size, len(token_ids) - block_size + 1, block_size):
         parent = hash((parent, salt, tuple(token_ids[first : first + block_size])))

@@ -183,7 +183,7 @@ class EngineLoop:
             self.scheduler.add(request)
             self.scheduler.abort([request.request_id])
             self.output.send(message.client_index, AbortFence(self.fences[message.client_index]))
-        elif self.reject_while_paused and not self.pause.admits_new:
+        elif self.reject_while_paused and not self.pause.admits_new and not message.hold_while_paused:
             self.scheduler.reject(request, f"the engine is {self.pause.status}: retry after resume", "paused")
         else:
             self.scheduler.add(request)
@@ -226,7 +226,11 @@ class EngineLoop:
         """Answer the pause calls whose state has been reached (never while a forward runs)."""
         if self.step_in_flight is not None:
             return
-        for waiter in self.pause.settle(len(self.scheduler.running)):
+        waiters = self.pause.settle(len(self.scheduler.running))
+        if self.pause.status == "paused" and self.pause.retract:
+            self.pause.retract = False
+            self.scheduler.recompute_running()
+        for waiter in waiters:
             self.answer(waiter, self.state())
 
     def answer(self, waiter: Waiter, value: Any, error: Exception | None = None) -> None:
@@ -282,6 +286,9 @@ class EngineLoop:
             weights_error=self.weights.broken,
             sleeping=sorted(self.sleep.asleep),
             num_workers=self.ops.num_ranks,
+            prompt_tokens_total=scheduler.counters.prompt_tokens,
+            cached_prompt_tokens_total=scheduler.counters.cached_prompt_tokens,
+            generation_tokens_total=scheduler.counters.generation_tokens,
         )
 
     def _check(self, message: AddRequest) -> str | None:

@@ -30,6 +30,7 @@ class PauseState:
     status: Literal["running", "pausing", "paused"] = "running"
     mode: Optional[PauseMode] = None
     waiters: list[Waiter] = field(default_factory=list)
+    retract: bool = False  # once paused(keep): the frozen requests give up their KV
 
     @property
     def admits_new(self) -> bool:
@@ -57,5 +58,5 @@ class PauseState:
     def resume(self) -> list[Waiter]:
         """Back to running; pending `pause(wait)` calls are cancelled (returned to be answered)."""
         waiters, self.waiters = self.waiters, []
-        self.status, self.mode = "running", None
+        self.status, self.mode, self.retract = "running", None, False
         return waiters

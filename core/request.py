@@ -42,6 +42,8 @@ class Request:
     error: Optional[str] = None
     error_kind: Optional[str] = None
     weight_spans: list[WeightSpan] = field(default_factory=list)  # over the output tokens
+    cache_salt: Optional[str] = None
+    admitted_before: bool = False  # counted in the prompt-token totals
 
     @classmethod
     def from_message(cls, message: AddRequest) -> "Request":
@@ -56,6 +58,7 @@ class Request:
             stop_token_ids=frozenset(stops),
             all_token_ids=list(message.prompt_token_ids),
             num_prompt_tokens=len(message.prompt_token_ids),
+            cache_salt=message.cache_salt,
         )
 
     @property

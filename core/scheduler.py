@@ -7,7 +7,8 @@ request that cannot get a block preempts the newest running one, whose blocks ar
 which later starts over from its cached prefix (recompute).
 
 Cached blocks are keyed by the weights that computed them (`weights_generation`), so a request
-never reuses KV of older weights; `weight_version` is the label outputs carry.
+never reuses KV of older weights, and by the request's `cache_salt`; `weight_version` is the
+label outputs carry.
 """
 
 import logging
@@ -33,6 +34,16 @@ RoutedOutput = tuple[int, CoreOutput]
 """An output and the index of the frontend that owns its request."""
 
 
+@dataclass
+class TokenCounters:
+    """Engine-wide totals since start, for metrics: prompt tokens of admitted requests (first
+    admission), of them served from the prefix cache, and generated tokens."""
+
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    generation_tokens: int = 0
+
+
 @dataclass(frozen=True)
 class SchedulerLimits:
     max_num_seqs: int
@@ -51,6 +62,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.counters = TokenCounters()
         self._finished_ids: list[str] = []
         self._finished_outputs: list[RoutedOutput] = []
         self._next_step_id = 0
@@ -117,6 +129,10 @@ class Scheduler:
         request.num_blocks_cached = len(hit.blocks)
         if request.num_output_tokens == 0:
             request.num_cached_tokens = hit.num_tokens
+        if not request.admitted_before:
+            request.admitted_before = True
+            self.counters.prompt_tokens += request.num_prompt_tokens
+            self.counters.cached_prompt_tokens += hit.num_tokens
         request.status = Status.RUNNING
         self.running.append(request)
         return num_tokens
@@ -168,6 +184,8 @@ class Scheduler:
                         list(request.block_ids),
                         request.num_computed_tokens,
                         request.sampling,
+                        request.num_prompt_tokens,
+                        sorted(request.stop_token_ids),
                     )
                 )
                 request.known_to_workers = True
@@ -196,6 +214,7 @@ class Scheduler:
             if token is None:
                 continue
             request.append_token(token, result.logprobs.get(request.request_id), self.weight_version)
+            self.counters.generation_tokens += 1
             request.block_hashes += self._hashes(request, len(request.block_hashes), request.block_hashes)
             reason = request.stop_reason(self.limits.max_model_len)
             if reason is not None:
@@ -279,7 +298,8 @@ class Scheduler:
 
     def _hashes(self, request: Request, start_block: int, known: Optional[list[int]]) -> list[int]:
         parent = known[-1] if known else None
-        return hash_blocks(request.all_token_ids, self.pool.block_size, start_block, parent, self.weights_generation)
+        salt = (self.weights_generation, request.cache_salt)
+        return hash_blocks(request.all_token_ids, self.pool.block_size, start_block, parent, salt)
 
     def _output(self, request: Request) -> RoutedOutput:
         output = CoreOutput(

@@ -65,6 +65,8 @@ def pause(engine: "EngineLoop", args: PauseArgs, call: UtilityCall) -> Any:
         state.status, state.mode = "pausing", "abort"
     else:
         state.begin(args.mode)
+    if args.mode == "keep" and args.retract:
+        state.retract = True
     if args.mode != "wait":
         engine.interrupt_step()
     # Answered by the loop's next settle, after it sent the aborted requests' final outputs.

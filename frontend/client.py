@@ -6,7 +6,8 @@
 
 Every wait has a way out: a socket monitor notices a lost frontend (every open stream and
 call then raises `EngineDeadError`, and so does every later call), and utility calls time out.
-Leaving a `generate` loop early (break, exception, cancellation) cancels the request.
+Leaving a `generate` loop early (break, exception, cancellation) cancels the request. The client
+connects on first use (as the openai SDK does); `async with` / `connect()` only do it sooner.
 """
 
 import asyncio
@@ -72,6 +73,7 @@ class AsyncClient(WeightCalls):
         self._ids = itertools.count(1)
         self._dead: str | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._connecting: asyncio.Future[None] | None = None
 
     async def __aenter__(self) -> "AsyncClient":
         await self.connect()
@@ -81,18 +83,23 @@ class AsyncClient(WeightCalls):
         await self.close()
 
     async def connect(self) -> None:
-        """Connect; raises EngineDeadError when no frontend answers within `timeout` seconds."""
+        """Connect now (else the first call does); EngineDeadError when no frontend answers
+        within `timeout` seconds."""
+        await self._connected()
+
+    async def _open(self) -> None:
         sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         # The monitor must listen before the connection starts, or it misses EVENT_CONNECTED.
         monitor = monitor_socket(sock, zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         sock.connect(self.address)
-        self._sock = sock
         try:
             await asyncio.wait_for(_next_event(monitor, zmq.EVENT_CONNECTED), self.timeout)
         except TimeoutError:
-            await self.close()
-            raise EngineDeadError(f"no frontend at {self.address} within {self.timeout} s")
+            monitor.close(linger=0)
+            sock.close(linger=0)
+            raise EngineDeadError(f"no frontend at {self.address} within {self.timeout} s") from None
+        self._sock = sock
         self._tasks = [
             asyncio.create_task(self._receive()),
             asyncio.create_task(self._watch(monitor)),
@@ -112,9 +119,13 @@ class AsyncClient(WeightCalls):
         messages: list[dict[str, str]] | None = None,
         token_ids: list[int] | None = None,
         request_id: str | None = None,
+        cache_salt: str | None = None,
+        hold_while_paused: bool = False,
         **sampling: Any,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; checks its input (InvalidRequestError) before sending."""
+        """Stream a request's outputs; checks its input (InvalidRequestError) before sending.
+        Only requests of the same `cache_salt` share prefix-cache blocks. `hold_while_paused`:
+        held while the engine is paused even under `--paused-requests reject`."""
         request = GenerateRequest(
             stream_id=next(self._ids),
             request_id=request_id,
@@ -122,13 +133,15 @@ class AsyncClient(WeightCalls):
             messages=_chat_messages(messages),
             token_ids=token_ids,
             sampling=_sampling(sampling),
+            cache_salt=cache_salt,
+            hold_while_paused=hold_while_paused,
         )
         if sum(x is not None for x in (prompt, messages, token_ids)) != 1:
             raise InvalidRequestError("give exactly one of prompt, messages or token_ids")
         return self._stream(request)
 
     async def _stream(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
-        self._check_alive()
+        await self._connected()
         queue: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
         self._streams[request.stream_id] = queue
         finished = False
@@ -151,7 +164,7 @@ class AsyncClient(WeightCalls):
     ) -> Any:
         """A utility call (`args`: a struct or dict of the method's arguments; `tensors`: pieces of
         a weight transfer, sent as side frames); its value."""
-        self._check_alive()
+        await self._connected()
         call_id = next(self._ids)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._calls[call_id] = future
@@ -172,9 +185,10 @@ class AsyncClient(WeightCalls):
     async def is_paused(self) -> bool:
         return bool(await self.call("is_paused"))
 
-    async def pause(self, mode: str = "abort", timeout: float | None = None) -> EngineState:
-        """Returns once paused: abort and keep at once, wait after the last running request ended."""
-        return msgspec.convert(await self.call("pause", PauseArgs(mode), timeout), EngineState)
+    async def pause(self, mode: str = "abort", timeout: float | None = None, retract: bool = False) -> EngineState:
+        """Returns once paused: abort and keep at once, wait after the last running request ended.
+        `retract` (keep): frozen requests free their KV now and prefill again on resume."""
+        return msgspec.convert(await self.call("pause", PauseArgs(mode, retract), timeout), EngineState)
 
     async def resume(self, kv: str = "keep") -> EngineState:
         """Run again. After a weight update, `kv="recompute"` prefills each frozen request's tokens
@@ -236,11 +250,16 @@ class AsyncClient(WeightCalls):
             if not future.done():
                 future.set_exception(EngineDeadError(reason))
 
-    def _check_alive(self) -> None:
+    async def _connected(self) -> None:
+        """Connect on first use; concurrent first uses wait for the same attempt, and a failed
+        attempt (EngineDeadError) is tried again by the next use."""
         if self._dead is not None:
             raise EngineDeadError(self._dead)
-        if self._sock is None:
-            raise EngineDeadError("the client is not connected (use `async with` or connect())")
+        if self._sock is not None:
+            return
+        if self._connecting is None or self._connecting.done():
+            self._connecting = asyncio.ensure_future(self._open())
+        await asyncio.shield(self._connecting)
 
     def _send(self, message: Any) -> None:
         if self._sock is not None:
@@ -263,7 +282,7 @@ class Client(BlockingWeightCalls):
         self.close()
 
     def connect(self) -> None:
-        self._thread.start()
+        """Connect now (else the first call does)."""
         self._run(self._async.connect())
 
     def close(self) -> None:
@@ -299,8 +318,8 @@ class Client(BlockingWeightCalls):
     def is_paused(self) -> bool:
         return self._run(self._async.is_paused())
 
-    def pause(self, mode: str = "abort", timeout: float | None = None) -> EngineState:
-        return self._run(self._async.pause(mode, timeout))
+    def pause(self, mode: str = "abort", timeout: float | None = None, retract: bool = False) -> EngineState:
+        return self._run(self._async.pause(mode, timeout, retract))
 
     def resume(self, kv: str = "keep") -> EngineState:
         return self._run(self._async.resume(kv))
@@ -312,6 +331,11 @@ class Client(BlockingWeightCalls):
         return self._run(self._async.abort_all())
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if not self._thread.is_alive():
+            if self._loop.is_closed():
+                coro.close()
+                raise EngineDeadError("the client was closed")
+            self._thread.start()
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
 

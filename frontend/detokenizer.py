@@ -1,7 +1,7 @@
 """Incremental detokenization of one request's output, with stop strings.
 
 Text is decoded token by token with `tokenizers.decoders.DecodeStream` (which waits for whole
-UTF-8 characters), so the deltas add up to `tokenizer.decode(ids, skip_special_tokens=True)`.
+UTF-8 characters), so the deltas add up to `tokenizer.decode(ids, skip_special_tokens=...)`.
 With stop strings, the text is held back while its end could still be the start of one:
 
     | shown to the user | held back (a prefix of some stop string) |
@@ -24,22 +24,33 @@ class DetokenizedDelta:
 
 
 class Detokenizer:
-    """One request's output text, fed one batch of new token ids at a time."""
+    """One request's output text, fed one batch of new token ids at a time. With
+    `include_stop_str`, the stop string that ends the text is part of it."""
 
-    def __init__(self, tokenizer: tokenizers.Tokenizer, stop: list[str]) -> None:
+    def __init__(
+        self, tokenizer: tokenizers.Tokenizer, stop: list[str], skip_special_tokens: bool = True,
+        include_stop_str: bool = False,
+    ) -> None:  # fmt: skip
         self._tokenizer = tokenizer
-        self._stream = DecodeStream(skip_special_tokens=True)
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
         self._stop = stop
+        self._include_stop_str = include_stop_str
         self._held = ""
 
-    def push(self, token_ids: list[int]) -> DetokenizedDelta:
-        """Decode `token_ids`; the text they make visible, cut before a stop string if one appears."""
+    def push(self, token_ids: list[int], check_stops: bool = True) -> DetokenizedDelta:
+        """Decode `token_ids`; the text they make visible, cut before (or after) a stop string if
+        one appears. Without `check_stops` (before min_tokens) stop strings are text like any."""
         for token_id in token_ids:
             self._held += self._stream.step(self._tokenizer, token_id) or ""
-        cut = self._find_stop()
-        if cut is not None:
-            text, self._held = self._held[:cut], ""
+        found = self._find_stop() if check_stops else None
+        if found is not None:
+            cut, stop = found
+            end = cut + len(stop) if self._include_stop_str else cut
+            text, self._held = self._held[:end], ""
             return DetokenizedDelta(text, stopped=True)
+        if not check_stops:
+            text, self._held = self._held, ""
+            return DetokenizedDelta(text)
         keep = self._stop_prefix_length()
         text = self._held[: len(self._held) - keep]
         self._held = self._held[len(text) :]
@@ -50,9 +61,9 @@ class Detokenizer:
         text, self._held = self._held, ""
         return text
 
-    def _find_stop(self) -> int | None:
-        """Index in the held text of the earliest stop string, or None."""
-        found = [i for i in (self._held.find(s) for s in self._stop) if i >= 0]
+    def _find_stop(self) -> tuple[int, str] | None:
+        """Where in the held text the earliest stop string starts, and which it is; or None."""
+        found = [(i, s) for s, i in ((s, self._held.find(s)) for s in self._stop) if i >= 0]
         return min(found) if found else None
 
     def _stop_prefix_length(self) -> int:

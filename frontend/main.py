@@ -1,4 +1,5 @@
-"""The frontend process's life: tokenizer, core link, client server, until SIGTERM."""
+"""The frontend process's life: tokenizer, core link, client server (and the HTTP server on the
+listening socket launch made, with `--http-port`), until SIGTERM."""
 
 import asyncio
 import logging
@@ -20,6 +21,7 @@ from protocol.process import (
 )
 
 from frontend.core_client import CoreClient, connect_core
+from frontend.http.serve import start_http
 from frontend.server import Server
 from frontend.tokenizer import load_tokenizer
 
@@ -28,13 +30,14 @@ logger = logging.getLogger(__name__)
 READY_TIMEOUT_S = 60.0
 
 
-def run_frontend(config: EngineConfig, index: int, watch_pids: list[int]) -> None:
-    """Serve clients on `config.client_address(index)` until SIGTERM; exit 1 on a start-up failure."""
+def run_frontend(config: EngineConfig, index: int, watch_pids: list[int], http_fd: int | None = None) -> None:
+    """Serve clients on `config.client_address(index)` (and HTTP on the inherited socket `http_fd`)
+    until SIGTERM; exit 1 on a start-up failure."""
     role = f"frontend-{index}"
     set_process_title(f"zeroserve-{role}")
     configure_logging(role)
     watch_parent_and_peers()  # losing the parent (launch) ends the process at once
-    sys.exit(_run_loop(_serve(config, index, watch_pids)))
+    sys.exit(_run_loop(_serve(config, index, watch_pids, http_fd)))
 
 
 def _run_loop(main: Coroutine[Any, Any, int]) -> int:
@@ -49,7 +52,7 @@ def _run_loop(main: Coroutine[Any, Any, int]) -> int:
         return runner.run(main)
 
 
-async def _serve(config: EngineConfig, index: int, watch_pids: list[int]) -> int:
+async def _serve(config: EngineConfig, index: int, watch_pids: list[int], http_fd: int | None) -> int:
     role = f"frontend-{index}"
     context = zmq.asyncio.Context()
     core: CoreClient | None = None
@@ -57,6 +60,8 @@ async def _serve(config: EngineConfig, index: int, watch_pids: list[int]) -> int
         tokenizer = load_tokenizer(config.model)
         core, limits = await connect_core(context, config, index, READY_TIMEOUT_S)
         client_sock = make_socket(context, zmq.ROUTER, config.client_address(index), bind=True)
+        if http_fd is not None:
+            client_sock.bind(config.local_client_address(index))  # the HTTP server's own client
     except Exception as error:  # start-up: one clear line to the log and to launch
         reason = "no EngineReady from the core" if isinstance(error, TimeoutError) else str(error)
         logger.error("start-up failed: %s", reason)
@@ -66,11 +71,17 @@ async def _serve(config: EngineConfig, index: int, watch_pids: list[int]) -> int
     loop = asyncio.get_running_loop()
     watch_parent_and_peers(watch_pids, lambda why: loop.call_soon_threadsafe(core.mark_dead, why))
     server = Server(client_sock, core, tokenizer, limits)
+    http = None
+    if http_fd is not None:
+        http = start_http(config, index, tokenizer, limits.max_model_len, http_fd)
+        server.timings = http.latencies
     _report(context, config, ProcessReady(role=role, detail=config.client_address(index)))
     logger.info("serving clients at %s (max_model_len %d)", config.client_address(index), limits.max_model_len)
     try:
         await _until_signal(core.run(server), server.run())
     finally:
+        if http is not None:
+            await http.stop()
         server.fail_all("the frontend is shutting down")
         core.close()
         client_sock.close(linger=0)

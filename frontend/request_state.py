@@ -4,6 +4,7 @@ Each `CoreOutput` becomes one `RequestOutput` delta for the client. Exactly one 
 request is final (`finish_reason` set); outputs that arrive after it are ignored by the caller.
 """
 
+import time
 from dataclasses import dataclass, field
 
 from protocol.messages import CoreOutput, RequestOutput
@@ -35,6 +36,9 @@ class RequestState:
     detokenizer: Detokenizer
     num_prompt_tokens: int
     stop_token_ids: frozenset[int] = field(default_factory=frozenset)
+    min_tokens: int = 0  # stop strings count from this many output tokens on
+    arrived: float = field(default_factory=time.monotonic)
+    last_output: float | None = None  # when its last output with tokens came (latency metrics)
     num_output_tokens: int = 0
     cached_tokens: int = 0
     finished: bool = False
@@ -43,7 +47,7 @@ class RequestState:
         """The client's delta for one core output; marks the request finished when it is final."""
         self.num_output_tokens += len(out.new_token_ids)
         self.cached_tokens = out.cached_tokens or self.cached_tokens
-        delta = self.detokenizer.push(self._ids_to_show(out))
+        delta = self.detokenizer.push(self._ids_to_show(out), check_stops=self.num_output_tokens >= self.min_tokens)
         finish_reason, text = out.finish_reason, delta.text
         if delta.stopped:
             finish_reason = "stop"

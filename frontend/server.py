@@ -9,8 +9,9 @@ client in the order the core sent them: one `StreamOutputs` per client per `Core
 
 import itertools
 import logging
+import time
 from collections import defaultdict
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import zmq
@@ -43,16 +44,26 @@ from frontend.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 
+class Timings(Protocol):
+    """Told each request's time to its first token, and the time between its later outputs."""
+
+    def first_token(self, seconds: float) -> None: ...
+
+    def next_output(self, seconds: float) -> None: ...
+
+
 class Server:
     """Owns the open streams of every client of this frontend."""
 
     def __init__(
-        self, sock: zmq.asyncio.Socket, core: CoreClient, tokenizer: Tokenizer, limits: EngineReady
-    ):
+        self, sock: zmq.asyncio.Socket, core: CoreClient, tokenizer: Tokenizer, limits: EngineReady,
+        timings: Timings | None = None,
+    ):  # fmt: skip
         self._sock = sock
         self._core = core
         self._tokenizer = tokenizer
         self._limits = limits
+        self.timings = timings
         self._encoder = Encoder()
         self._decoder = Decoder(ClientMessage)
         self._states: dict[str, RequestState] = {}
@@ -98,6 +109,8 @@ class Server:
                     prompt_token_ids=prompt_ids,
                     sampling=sampling,
                     eos_token_ids=self._tokenizer.eos_token_ids,
+                    cache_salt=request.cache_salt,
+                    hold_while_paused=request.hold_while_paused,
                 )
             )
         except (InvalidRequestError, EngineDeadError) as error:
@@ -107,8 +120,10 @@ class Server:
             request_id=request_id,
             user_request_id=user_request_id,
             stream=key,
-            detokenizer=Detokenizer(self._tokenizer.backend, sampling.stop),
+            detokenizer=Detokenizer(self._tokenizer.backend, sampling.stop, sampling.skip_special_tokens,
+                                    sampling.include_stop_str_in_output),  # fmt: skip
             num_prompt_tokens=len(prompt_ids),
+            min_tokens=sampling.min_tokens,
             stop_token_ids=frozenset(sampling.stop_token_ids)
             | frozenset([] if sampling.ignore_eos else self._tokenizer.eos_token_ids),
         )
@@ -170,10 +185,13 @@ class Server:
         """Detokenize one batch from the core and forward it, one message per client."""
         batches: dict[bytes, list[StreamOutput]] = defaultdict(list)
         stopped: list[str] = []
+        now = time.monotonic()
         for out in outputs:
             state = self._states.get(out.request_id)
             if state is None:  # finished here (stop string), cancelled, or unknown
                 continue
+            if self.timings is not None and out.new_token_ids:
+                self._time(state, now)
             if out.error_kind is not None:  # refused by the core with a typed error
                 self._forget(state)
                 self._send(state.stream.client, StreamError(state.stream.stream_id, out.error_kind, out.error or ""))
@@ -187,6 +205,13 @@ class Server:
         self._core.abort(stopped)
         for client, items in batches.items():
             self._send(client, StreamOutputs(items))
+
+    def _time(self, state: RequestState, now: float) -> None:
+        if state.last_output is None:
+            self.timings.first_token(now - state.arrived)
+        else:
+            self.timings.next_output(now - state.last_output)
+        state.last_output = now
 
     def on_core_dead(self, reason: str) -> None:
         """Every open stream ends with an EngineDeadError."""

@@ -2,12 +2,13 @@
 
 import argparse
 import logging
+import os
 import sys
 from typing import Sequence
 
 import msgspec
 
-from protocol.config import EngineConfig
+from protocol.config import API_KEY_ENV, EngineConfig
 
 logger = logging.getLogger("zeroserve")
 
@@ -31,7 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="bytes (e.g. 2GiB, 500000000) or a fraction of free device memory (e.g. 0.2)")
     serve.add_argument("--max-model-len", type=int, default=None)
     serve.add_argument("--paused-requests", choices=["hold", "reject"], default="hold")
+    serve.add_argument("--http-port", type=int, default=None,
+                       help="every frontend also serves HTTP (OpenAI, vLLM and SGLang routes) on this port")
+    serve.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                       help=f"HTTP routes but /health and /metrics need 'Authorization: Bearer KEY' "
+                            f"(or ${API_KEY_ENV})")
+    serve.add_argument("--served-model-name", default=None, help="the model's name over HTTP (default: --model)")
     return parser
+
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
 UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
@@ -74,9 +84,18 @@ def config_from_args(args: argparse.Namespace, model_folder: str, run_dir: str) 
             kv_cache_memory=args.kv_cache_memory,
             max_model_len=args.max_model_len,
             paused_requests=args.paused_requests,
+            http_port=args.http_port,
+            served_model_name=args.served_model_name or served_name(args.model),
         )
     except msgspec.ValidationError as error:
         raise ValueError(str(error)) from None
+
+
+def served_name(model: str | None) -> str:
+    """The name HTTP clients use for the model: `--model` as given, as vLLM does."""
+    if model is None:
+        return DEFAULT_MODEL_NAME
+    return model.rstrip("/") or model
 
 
 def main(argv: Sequence[str] | None = None) -> None:

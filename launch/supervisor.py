@@ -7,8 +7,10 @@ Each child also watches launch: if launch is SIGKILLed, they exit by themselves.
 
 import argparse
 import logging
+import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -20,7 +22,7 @@ import zmq
 
 from launch.cli import config_from_args
 from protocol.codec import Decoder
-from protocol.config import EngineConfig, ProcessReady, encode_config
+from protocol.config import API_KEY_ENV, METRICS_DIR_ENV, EngineConfig, ProcessReady, encode_config
 from protocol.process import make_socket
 
 logger = logging.getLogger("zeroserve")
@@ -45,12 +47,28 @@ def serve(args: argparse.Namespace) -> int:
         if folder is None:
             return 2
         config = config_from_args(args, folder, run_dir)
-        return Supervisor(config, started).run()
+        return Supervisor(config, started, args.api_key).run()
     except ValueError as error:
         logger.error("%s", error)
         return 2
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def listen_http(host: str, port: int) -> socket.socket:
+    """The one listening socket every frontend's HTTP server accepts on (they inherit it).
+    ValueError, one clear line, when the port is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise ValueError(f"--http-port {port}: cannot listen on {host}: {error.strerror}") from None
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock
 
 
 def resolve_model(model: str | None) -> str | None:
@@ -63,9 +81,11 @@ def resolve_model(model: str | None) -> str | None:
 
 
 class Supervisor:
-    def __init__(self, config: EngineConfig, started: float) -> None:
+    def __init__(self, config: EngineConfig, started: float, api_key: str | None = None) -> None:
         self.config = config
         self.started = started
+        self.api_key = api_key
+        self.http_socket: socket.socket | None = None
         self.children: list[Child] = []
         self.stop_signal: int | None = None
         self.ready = False
@@ -79,6 +99,8 @@ class Supervisor:
         logger.info("starting %d worker(s), the core and %d frontend(s); sockets in %s",
                     self.config.workers, self.config.frontends, self.config.run_dir)
         try:
+            if self.config.http_port is not None:
+                self.http_socket = listen_http(self.config.host, self.config.http_port)
             self._start_children()
             status = self._wait_ready(reports)
             if status is None:
@@ -86,6 +108,8 @@ class Supervisor:
             return status
         finally:
             self._stop_children()
+            if self.http_socket is not None:
+                self.http_socket.close()
             reports.close()
             context.term()
 
@@ -100,14 +124,28 @@ class Supervisor:
         ]
         pids = ",".join(str(w.process.pid) for w in workers)
         core = self._spawn("core", ["core", "--config", config_json, "--worker-pids", pids])
+        http: list[str] = []
+        fds: tuple[int, ...] = ()
+        if self.http_socket is not None:
+            http, fds = ["--http-fd", str(self.http_socket.fileno())], (self.http_socket.fileno(),)
+        env = None
+        if self.http_socket is not None:
+            # The frontends' latency histograms, which any one's /metrics adds up.
+            metrics_dir = os.path.join(self.config.run_dir, "metrics")
+            os.makedirs(metrics_dir, exist_ok=True)
+            env = {**os.environ, METRICS_DIR_ENV: metrics_dir}
+            if self.api_key:
+                env[API_KEY_ENV] = self.api_key
         for index in range(self.config.frontends):
-            self._spawn(
-                f"frontend-{index}",
-                ["frontend", "--config", config_json, "--index", str(index), "--watch-pids", str(core.process.pid)],
-            )
+            args = ["frontend", "--config", config_json, "--index", str(index), "--watch-pids", str(core.process.pid)]
+            self._spawn(f"frontend-{index}", args + http, fds, env)
 
-    def _spawn(self, role: str, module_args: list[str]) -> Child:
-        process = subprocess.Popen([sys.executable, "-m", *module_args], start_new_session=True)
+    def _spawn(
+        self, role: str, module_args: list[str], pass_fds: tuple[int, ...] = (), env: dict[str, str] | None = None
+    ) -> Child:
+        process = subprocess.Popen(
+            [sys.executable, "-m", *module_args], start_new_session=True, pass_fds=pass_fds, env=env
+        )
         child = Child(role, process)
         self.children.append(child)
         return child
@@ -132,6 +170,9 @@ class Supervisor:
                 return 2
             expected.discard(report.role)
             self._announce(report)
+        if self.config.http_port is not None:
+            sys.stdout.write(f"http: http://{self.config.host}:{self.config.http_port}\n")
+            sys.stdout.flush()
         logger.info("ready in %.1f s", time.monotonic() - self.started)
         self.ready = True
         return None

@@ -5,6 +5,8 @@ from typing import Literal, Optional
 
 import msgspec
 
+API_KEY_ENV = "ZEROSERVE_API_KEY"  # the HTTP API key reaches the frontends in their environment
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # where the frontends keep the metrics they share
 Device = Literal["cpu", "cuda"]
 Dtype = Literal["float32", "bfloat16", "float16"]
 
@@ -12,7 +14,9 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """`model` is an HF folder (launch converts a GGUF file before starting anyone).
     `kv_cache_memory` is bytes when > 1, else a fraction of free device memory.
-    `max_model_len` None means the model's own limit, capped by the KV pool."""
+    `max_model_len` None means the model's own limit, capped by the KV pool.
+    `http_port`: every frontend also serves HTTP there (the API key, a secret, is not part of the
+    config, which travels on command lines: launch hands it to the frontends in their environment)."""
 
     model: str
     run_dir: str
@@ -28,6 +32,8 @@ class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     kv_cache_memory: float = 0.1
     max_model_len: Optional[int] = None
     paused_requests: Literal["hold", "reject"] = "hold"
+    http_port: Optional[int] = None
+    served_model_name: str = "zeroserve"
 
     def __post_init__(self) -> None:
         checks = [
@@ -52,6 +58,16 @@ class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 self.max_model_len is None or self.max_model_len >= 1,
                 f"--max-model-len must be >= 1, got {self.max_model_len}",
             ),
+            (
+                self.http_port is None or 0 < self.http_port < 65536,
+                f"--http-port must be in 1..65535, got {self.http_port}",
+            ),
+            (
+                self.http_port is None or not self.port <= self.http_port < self.port + self.frontends,
+                f"--http-port {self.http_port} is one of the frontends' client ports "
+                f"({self.port}..{self.port + self.frontends - 1})",
+            ),
+            (bool(self.served_model_name), "--served-model-name must not be empty"),
         ]
         for ok, message in checks:
             if not ok:
@@ -62,6 +78,10 @@ class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def client_address(self, index: int) -> str:
         return f"tcp://{self.host}:{self.frontend_port(index)}"
+
+    def local_client_address(self, index: int) -> str:
+        """Frontend `index`'s clients' socket for its own HTTP server, in the same process."""
+        return self._ipc(f"frontend-{index}")
 
     def _ipc(self, name: str) -> str:
         return "ipc://" + os.path.join(self.run_dir, name)

@@ -18,7 +18,12 @@ FinishReason = Literal["stop", "length", "abort", "error"]
 
 
 class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Per-request sampling. `temperature=0` is greedy; `top_k` 0 or -1 and `top_p=1` turn those off."""
+    """Per-request sampling. `temperature=0` is greedy; `top_k` 0 or -1 and `top_p=1` turn those off.
+
+    `min_tokens`: stop tokens cannot be sampled, and stop strings do not count, before that many
+    output tokens. Penalties as vLLM applies them: presence and frequency over the output tokens,
+    repetition (divide a positive logit, multiply a negative one) over prompt and output tokens.
+    `skip_special_tokens` and `include_stop_str_in_output` shape the text only."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -30,10 +35,20 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
     logprobs: Optional[int] = None
+    min_tokens: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
 
 MAX_LOGPROBS = 20
@@ -53,6 +68,16 @@ def validate_sampling(params: SamplingParams) -> None:
             params.logprobs is None or 0 <= params.logprobs <= MAX_LOGPROBS,
             f"logprobs must be in [0, {MAX_LOGPROBS}], got {params.logprobs}",
         ),
+        (
+            0 <= params.min_tokens <= params.max_tokens,
+            f"min_tokens must be in [0, max_tokens={params.max_tokens}], got {params.min_tokens}",
+        ),
+        (-2.0 <= params.presence_penalty <= 2.0, f"presence_penalty must be in [-2, 2], got {params.presence_penalty}"),
+        (
+            -2.0 <= params.frequency_penalty <= 2.0,
+            f"frequency_penalty must be in [-2, 2], got {params.frequency_penalty}",
+        ),
+        (params.repetition_penalty > 0.0, f"repetition_penalty must be > 0, got {params.repetition_penalty}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -121,6 +146,8 @@ class GenerateRequest(msgspec.Struct, tag="generate", array_like=True):
     messages: Optional[list[ChatMessage]] = None
     token_ids: Optional[list[int]] = None
     sampling: SamplingParams = SamplingParams()
+    cache_salt: Optional[str] = None  # a namespace of the prefix cache: only equal salts share blocks
+    hold_while_paused: bool = False  # held, not refused, while paused, whatever --paused-requests says
 
 
 class CancelStream(msgspec.Struct, tag="cancel", array_like=True):
@@ -190,6 +217,8 @@ class AddRequest(msgspec.Struct, tag="add", array_like=True):
     prompt_token_ids: list[int]
     sampling: SamplingParams
     eos_token_ids: list[int] = []
+    cache_salt: Optional[str] = None
+    hold_while_paused: bool = False
 
 
 class AbortRequests(msgspec.Struct, tag="abort", array_like=True):
@@ -272,7 +301,11 @@ class NoArgs(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class PauseArgs(msgspec.Struct, forbid_unknown_fields=True):
+    """`retract` (with keep): frozen requests give up their KV at once and prefill again on
+    resume (SGLang's "retract")."""
+
     mode: Literal["abort", "wait", "keep"] = "abort"
+    retract: bool = False
 
 
 class AbortArgs(msgspec.Struct, forbid_unknown_fields=True):
@@ -301,3 +334,6 @@ class EngineState(msgspec.Struct):
     weights_error: Optional[str] = None  # a failed update left weights that must not serve
     sleeping: list[str] = []  # what sleep() took off the device: "weights", "kv_cache"
     num_workers: int = 1  # worker ranks (a trainer's weight group holds them and itself)
+    prompt_tokens_total: int = 0  # since start: prompt tokens admitted, of them cached, generated
+    cached_prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0

@@ -16,13 +16,16 @@ from protocol.weights import WorkerCommand, WorkerReply
 
 class NewRequest(msgspec.Struct, array_like=True):
     """A request the workers have not seen (or saw before a preemption). `token_ids` holds the
-    prompt plus any tokens generated before a preemption; `block_ids` its blocks so far."""
+    prompt plus any tokens generated before a preemption; `block_ids` its blocks so far.
+    `stop_token_ids` (EOS included unless ignored) are masked before `sampling.min_tokens`."""
 
     request_id: str
     token_ids: list[int]
     block_ids: list[int]
     num_computed_tokens: int
     sampling: SamplingParams
+    num_prompt_tokens: int = 0
+    stop_token_ids: list[int] = []
 
 
 class ScheduledRequest(msgspec.Struct, array_like=True):

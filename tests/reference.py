@@ -17,10 +17,13 @@ def load_reference(folder: Path) -> transformers.PreTrainedModel:
 
 
 @torch.inference_mode()
-def greedy_tokens(model: transformers.PreTrainedModel, prompt: list[int], num_tokens: int) -> list[int]:
+def greedy_tokens(
+    model: transformers.PreTrainedModel, prompt: list[int], num_tokens: int, repetition_penalty: float = 1.0
+) -> list[int]:
     """`generate(do_sample=False)` for exactly `num_tokens` tokens (EOS does not stop it)."""
     config = transformers.GenerationConfig(
-        do_sample=False, max_new_tokens=num_tokens, min_new_tokens=0, eos_token_id=None, pad_token_id=0
+        do_sample=False, max_new_tokens=num_tokens, min_new_tokens=0, eos_token_id=None, pad_token_id=0,
+        repetition_penalty=repetition_penalty,
     )
     output = model.generate(torch.tensor([prompt]), generation_config=config)
     return output[0, len(prompt) :].tolist()

@@ -7,7 +7,7 @@ in the next step's `ScheduledRequest.new_token_ids`, and only those are appended
     | computed (KV in cache) | scheduled this step |  reaches  len(token_ids).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 
 import torch
@@ -23,6 +23,8 @@ class RequestState:
     num_computed_tokens: int
     sampling: SamplingParams
     generator: torch.Generator | None  # set once from `sampling.seed`; None draws from the global RNG
+    num_prompt_tokens: int = 0  # token_ids after these are outputs (penalties, min_tokens count them)
+    stop_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -68,6 +70,8 @@ class BatchState:
             num_computed_tokens=new.num_computed_tokens,
             sampling=new.sampling,
             generator=generator,
+            num_prompt_tokens=new.num_prompt_tokens,
+            stop_token_ids=list(new.stop_token_ids),
         )
 
     def _get(self, request_id: str) -> RequestState:

@@ -83,7 +83,10 @@ class ModelRunner:
 
     def _sample(self, step_id: int, inputs: StepInputs, logits: torch.Tensor) -> StepResult:
         states = inputs.sample_states
-        token_ids = sample(logits, [SampleRow(st.sampling, st.generator) for st in states])
+        rows = [
+            SampleRow(st.sampling, st.generator, st.token_ids, st.num_prompt_tokens, st.stop_token_ids) for st in states
+        ]
+        token_ids = sample(logits, rows)
         logprobs = compute_logprobs(logits, token_ids, [st.sampling.logprobs for st in states])
         return StepResult(
             step_id=step_id,

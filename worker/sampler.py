@@ -1,15 +1,17 @@
 """Vectorised sampling over the rows of one step.
 
-Fast path: every row greedy -> argmax. Otherwise one pipeline for all rows: temperature, top-k,
-top-p, min-p, then an exponential race (`argmax(probs / E)`, `E ~ Exp(1)`), which samples from
-`probs`. A seeded row draws its noise from its own `torch.Generator`, so a seed and a prompt give
-the same tokens whatever else shares the batch. Greedy rows in a mixed batch take the argmax.
+First the rows that ask for it get penalties and, before `min_tokens`, their stop tokens
+masked (on a copy of the logits). Fast path: every row greedy -> argmax. Otherwise one pipeline
+for all rows: temperature, top-k, top-p, min-p, then an exponential race (`argmax(probs / E)`,
+`E ~ Exp(1)`), which samples from `probs`. A seeded row draws its noise from its own
+`torch.Generator`, so a seed and a prompt give the same tokens whatever else shares the batch.
+Greedy rows in a mixed batch take the argmax.
 
 Logprobs are those of the model's raw distribution (`log_softmax` of the logits, before
-temperature and filtering), as vLLM reports by default.
+penalties, temperature and filtering), as vLLM reports by default.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,12 +20,22 @@ from protocol.messages import Logprobs, SamplingParams
 
 @dataclass
 class SampleRow:
+    """One sampling request: its parameters, generator, and its tokens so far (prompt first)."""
+
     params: SamplingParams
     generator: torch.Generator | None
+    token_ids: list[int] = field(default_factory=list)
+    num_prompt_tokens: int = 0
+    stop_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
 
 
 def sample(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     """`logits` `[S, V]` -> token ids `[S]`."""
+    logits = adjusted_logits(logits, rows)
     greedy = logits.argmax(dim=-1)
     if all(row.params.is_greedy for row in rows):
         return greedy
@@ -34,6 +46,41 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     sampled = (probs / noise).argmax(dim=-1)
     is_greedy = torch.tensor([row.params.is_greedy for row in rows], device=logits.device)
     return torch.where(is_greedy, greedy, sampled)
+
+
+def adjusted_logits(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """`logits` with penalties applied and stop tokens masked before `min_tokens`, on a copy for
+    the rows that need it; `logits` itself when no row does."""
+    penalized = [i for i, row in enumerate(rows) if row.params.has_penalties]
+    masked = [i for i, r in enumerate(rows) if r.stop_token_ids and r.num_output_tokens < r.params.min_tokens]
+    if not penalized and not masked:
+        return logits
+    logits = logits.clone()
+    if penalized:
+        logits[penalized] = _penalized(logits[penalized].float(), [rows[i] for i in penalized]).to(logits.dtype)
+    for i in masked:
+        logits[i, rows[i].stop_token_ids] = float("-inf")
+    return logits
+
+
+def _penalized(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """vLLM's order: repetition (over prompt and output tokens), then frequency and presence
+    (over output tokens)."""
+    device, vocab = logits.device, logits.shape[-1]
+    counts = torch.stack([
+        torch.bincount(torch.tensor(r.token_ids[r.num_prompt_tokens :], dtype=torch.long), minlength=vocab)
+        for r in rows
+    ]).to(device, torch.float32)  # fmt: skip
+    in_prompt = torch.zeros(len(rows), vocab, dtype=torch.bool)
+    for j, row in enumerate(rows):
+        in_prompt[j, row.token_ids[: row.num_prompt_tokens]] = True
+    seen = in_prompt.to(device) | (counts > 0)
+    repetition = torch.tensor([r.params.repetition_penalty for r in rows], device=device)[:, None]
+    scale = torch.where(seen, repetition, torch.ones_like(repetition))
+    logits = torch.where(logits > 0, logits / scale, logits * scale)
+    frequency = torch.tensor([r.params.frequency_penalty for r in rows], device=device)[:, None]
+    presence = torch.tensor([r.params.presence_penalty for r in rows], device=device)[:, None]
+    return logits - frequency * counts - presence * (counts > 0).float()
 
 
 def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

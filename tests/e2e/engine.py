@@ -6,13 +6,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launch.local import LocalEngine, start_local_engine
+from launch.local import LocalEngine, free_port_range, start_local_engine
 from protocol.process import pid_alive
 
 
 @dataclass
 class Engine(LocalEngine):
     children: dict[str, int] = field(default_factory=dict)  # process title -> pid, once started
+    http_url: str | None = None  # with http=True: every frontend's HTTP server
 
     def descendants(self) -> list[int]:
         """Pids of the engine's processes (launch's children when it became ready) still alive."""
@@ -53,7 +54,11 @@ def _children_by_title(parent: int) -> dict[str, int]:
     return found
 
 
-def start_engine(model: Path, *options: str, frontends: int = 1) -> Engine:
-    """`zeroserve serve` on `model`; returns once every frontend printed its address."""
+def start_engine(model: Path, *options: str, frontends: int = 1, http: bool = False) -> Engine:
+    """`zeroserve serve` on `model`; returns once every frontend printed its address. With `http`,
+    on a free HTTP port too."""
+    port = free_port_range(1) if http else None
+    options = options + (("--http-port", str(port)) if http else ())
     local = start_local_engine(str(model), options, frontends, echo=lambda line: sys.stderr.write("[engine] " + line))
-    return Engine(**vars(local), children=_children_by_title(local.process.pid))
+    url = f"http://127.0.0.1:{port}" if http else None
+    return Engine(**vars(local), children=_children_by_title(local.process.pid), http_url=url)

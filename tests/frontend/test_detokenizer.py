@@ -114,3 +114,20 @@ def test_chat_template_gives_plain_ids(tokenizer: Tokenizer) -> None:
 
 def test_eos_ids(tokenizer: Tokenizer) -> None:
     assert tokenizer.eos_token_ids[0] == tokenizer.hf.eos_token_id
+
+
+def test_special_tokens_show_when_asked_and_a_stop_string_can_stay_in_the_text(tokenizer: Tokenizer) -> None:
+    ids = tokenizer.hf.encode("<|im_start|>Hi there. Bye", add_special_tokens=False)
+    assert Detokenizer(tokenizer.backend, [], skip_special_tokens=False).push(ids).text.startswith("<|im_start|>")
+    kept = Detokenizer(tokenizer.backend, [" there"], include_stop_str=True).push(ids)
+    cut = Detokenizer(tokenizer.backend, [" there"]).push(ids)
+    assert (kept.text, kept.stopped, cut.text, cut.stopped) == ("Hi there", True, "Hi", True)
+
+
+def test_stop_strings_count_only_from_min_tokens_on(tokenizer: Tokenizer) -> None:
+    first = tokenizer.hf.encode(" stop", add_special_tokens=False)
+    second = tokenizer.hf.encode(" go stop", add_special_tokens=False)
+    detok = Detokenizer(tokenizer.backend, [" stop"])
+    early = detok.push(first, check_stops=False)
+    late = detok.push(second)
+    assert (early.text, early.stopped, late.text, late.stopped) == (" stop", False, " go", True)

@@ -62,6 +62,7 @@ class Req:
     arrival: int = 0
     shared_blocks: list[int] = field(default_factory=list)
     num_cached: int = 0
+    stop_ids: list[int] = field(default_factory=list)
     # state
     tokens: list[int] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)
@@ -129,7 +130,9 @@ class ToyCore:
         r.blocks += new_blocks
         if not r.registered:
             r.registered = True
-            plan.new_requests.append(NewRequest(r.id, list(r.tokens), list(r.blocks), r.computed, r.sampling))
+            plan.new_requests.append(
+                NewRequest(r.id, list(r.tokens), list(r.blocks), r.computed, r.sampling, len(r.prompt), r.stop_ids)
+            )
             return ScheduledRequest(r.id, n)
         sched = ScheduledRequest(r.id, n, new_token_ids=r.unsent, new_block_ids=new_blocks)
         r.unsent = []
