@@ -371,11 +371,7 @@ async def _completion_events(ctx, body: CompletionRequest, request: GenerationRe
         choice = {"index": index, "text": echo + out.text, "finish_reason": out.finish_reason, "stop_reason": None}
         if body.logprobs is not None:
             choice["logprobs"] = completion_logprobs(sample, start, texts, body.return_tokens_as_token_ids, offset)
-        if body.return_token_ids:
-            choice["token_ids"] = out.token_ids
-        if out.finished:
-            choice.update(versions(sample))
-        yield sse({**head, "choices": [choice]})
+        yield sse({**head, "choices": [_streamed(choice, sample, out, body)]})
     if body.stream_options is not None and body.stream_options.include_usage:
         yield sse({**head, "choices": [], "usage": usage(samples)})
 
@@ -396,10 +392,15 @@ async def _chat_events(ctx, body: ChatRequest, request: GenerationRequest, texts
         choice["logprobs"] = (
             chat_logprobs(sample, start, texts, body.return_tokens_as_token_ids) if body.logprobs else None
         )
-        if body.return_token_ids:
-            choice["token_ids"] = out.token_ids
-        if out.finished:
-            choice.update(versions(sample))
-        yield sse({**head, "choices": [choice]})
+        yield sse({**head, "choices": [_streamed(choice, sample, out, body)]})
     if body.stream_options is not None and body.stream_options.include_usage:
         yield sse({**head, "choices": [], "usage": usage(samples)})
+
+
+def _streamed(choice: dict[str, Any], sample: Sample, out: Any, body: SamplingFields) -> dict[str, Any]:
+    """A streamed choice's ids (when asked) and, on its last chunk, its weight versions."""
+    if body.return_token_ids:
+        choice["token_ids"] = out.token_ids
+    if out.finished:
+        choice.update(versions(sample))
+    return choice
