@@ -19,21 +19,24 @@ The decode step is the gap between consecutive outputs of one request, pooled ov
 pause (from the pause call until resume returned). It prints one table.
 """
 
+import sys
+from pathlib import Path
+
+# This folder comes first on sys.path when a script here runs, and its http.py would shadow the
+# standard library's `http` for every module: the repo root (for `bench.*`) takes its place.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import argparse
 import asyncio
 import bisect
 import itertools
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 import numpy as np
 import transformers
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `bench.*` when run as a script
 
 from bench.common import (  # noqa: E402
     WARMUP_PROMPT,

@@ -14,8 +14,8 @@ and `POST /pause?mode=keep` then `POST /resume` (each timed), against the median
 import sys
 from pathlib import Path
 
-# Run as a script, this file's folder comes first on sys.path, and this file would then be the
-# standard library's `http` for every module that imports it: the repo root goes there instead.
+# This folder comes first on sys.path when a script here runs, and this file would shadow the
+# standard library's `http` for every module: the repo root (for `bench.*`) takes its place.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse  # noqa: E402

@@ -20,18 +20,21 @@ between consecutive token arrivals, pooled over all requests; when one output ca
 first token gets the gap and the other k-1 get 0.
 """
 
+import sys
+from pathlib import Path
+
+# This folder comes first on sys.path when a script here runs, and its http.py would shadow the
+# standard library's `http` for every module: the repo root (for `bench.*`) takes its place.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import argparse
 import asyncio
 import logging
-import sys
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
 import transformers
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `bench.*` when run as a script
 
 from bench.common import (  # noqa: E402
     WARMUP_PROMPT,

@@ -18,16 +18,21 @@ the gap is the longest time a stream waited for a token across it, against the u
 It prints one table.
 """
 
+import sys
+from pathlib import Path
+
+# This folder comes first on sys.path when a script here runs, and its http.py would shadow the
+# standard library's `http` for every module: the repo root (for `bench.*`) takes its place.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import argparse
 import asyncio
 import logging
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Awaitable, Callable
 
 import numpy as np
@@ -35,8 +40,6 @@ import torch
 import torch.distributed as dist
 import zmq
 from safetensors.torch import load_file
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `bench.*` when run as a script
 
 from bench.common import number, print_table, ratio, resolve_model_folder, running_engine, setup_logging  # noqa: E402
 from frontend.client import AsyncClient  # noqa: E402
