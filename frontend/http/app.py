@@ -55,6 +55,9 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.kind, self.param = status, message, kind, param
 
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.message, self.kind, self.param)
+
 
 def error_response(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
     headers = {"Retry-After": RETRY_AFTER_S} if status == 503 else None
@@ -99,7 +102,7 @@ async def _api_error(request: Request, error: Exception) -> JSONResponse:
     mapped = api_error(error)
     if mapped.status >= 500:
         logger.error("%s %s failed: %s", request.method, request.url.path, mapped.message)
-    return error_response(mapped.status, mapped.message, mapped.kind, mapped.param)
+    return mapped.response()
 
 
 class Guard:
@@ -114,13 +117,14 @@ class Guard:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        if self.api_key and scope["path"] not in OPEN_PATHS and not self._authorized(headers):
-            await _send(error_response(401, "missing or wrong API key (Authorization: Bearer ...)", "unauthorized"),
-                        scope, receive, send)  # fmt: skip
-            return
+        refusal = None
         declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            await _send(self._too_large(), scope, receive, send)
+        if self.api_key and scope["path"] not in OPEN_PATHS and not self._authorized(headers):
+            refusal = error_response(401, "missing or wrong API key (Authorization: Bearer ...)", "unauthorized")
+        elif declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            refusal = self._too_large().response()
+        if refusal is not None:
+            await refusal(scope, receive, send)
             return
         await self.app(scope, self._limited(receive), send)
 
@@ -136,17 +140,13 @@ class Guard:
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.max_body_bytes:
-                raise ApiError(413, f"the request body is over {self.max_body_bytes} bytes", "request_too_large")
+                raise self._too_large()
             return message
 
         return limited
 
-    def _too_large(self) -> JSONResponse:
-        return error_response(413, f"the request body is over {self.max_body_bytes} bytes", "request_too_large")
-
-
-async def _send(response: JSONResponse, scope: dict, receive: Callable, send: Callable) -> None:
-    await response(scope, receive, send)
+    def _too_large(self) -> "ApiError":
+        return ApiError(413, f"the request body is over {self.max_body_bytes} bytes", "request_too_large")
 
 
 def build_app(ctx: HttpContext, routers: list[Any]) -> Any:

@@ -11,7 +11,7 @@ from typing import Any, Literal, Optional, Union
 import msgspec
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from frontend.http.app import ApiError, HttpContext, check_model
 from frontend.http.generation import GenerationRequest, collect, spans_json
@@ -152,7 +152,12 @@ def make_router(ctx: HttpContext) -> APIRouter:
         """The flag comes as a query parameter (vLLM) or a JSON body (SkyRL). Ours never touches
         running requests' blocks and never fails, so it changes nothing here."""
         if await request.body():
-            ResetPrefixCache.model_validate_json(await request.body())
+            try:
+                ResetPrefixCache.model_validate_json(await request.body())
+            except ValidationError as error:
+                first = error.errors()[0]
+                param = ".".join(str(p) for p in first.get("loc", ()))
+                raise ApiError(400, f"{param}: {first.get('msg')}", param=param) from None
         return JSONResponse({"num_dropped_blocks": await client.reset_prefix_cache()})
 
     @router.post("/sleep")
