@@ -23,7 +23,7 @@ from core.scheduler import RoutedOutput, Scheduler
 from core.sleep import SleepState
 from core.utility import error_result, run_utility
 from core.weights import WeightUpdates
-from core.workers import WorkerDiedError, WorkerGroup, WorkerOps
+from core.workers import WorkerDiedError, WorkerGroup, WorkerOps, first_error
 from protocol.errors import UtilityError
 from protocol.messages import (
     AbortFence,
@@ -244,7 +244,7 @@ class EngineLoop:
         """Send a command to every rank; `caller` gets the state once all succeeded, else the first error."""
 
         def done(replies: list[WorkerReply]) -> None:
-            error = next((r.error for r in replies if r.error), None)
+            error = first_error(replies)
             self.answer(caller, self.state(), None if error is None else UtilityError(error))
 
         self.ops.run(make, done)

@@ -9,6 +9,7 @@ held requests stay held and nothing touches the device.
 from typing import TYPE_CHECKING
 
 from core.pause import Waiter
+from core.workers import first_error
 from protocol.errors import UtilityError
 from protocol.weights import Sleep, SleepTag, WakeUp, WorkerReply
 
@@ -41,14 +42,14 @@ class SleepState:
 
     def _slept(self, caller: Waiter, replies: list[WorkerReply]) -> None:
         """A failed sleep may have freed part of the memory: it counts as asleep until wake_up."""
-        error = next((r.error for r in replies if r.error), None)
+        error = first_error(replies)
         if error is not None:
             self.engine.answer(caller, None, UtilityError(f"sleep failed: {error}; wake_up() restores what it freed"))
         else:
             self.engine.answer(caller, self.engine.state())
 
     def _woken(self, caller: Waiter, tags: list[SleepTag], replies: list[WorkerReply]) -> None:
-        error = next((r.error for r in replies if r.error), None)
+        error = first_error(replies)
         if error is not None:
             self.engine.answer(caller, None, UtilityError(f"wake_up failed: {error}"))
             return

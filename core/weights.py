@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
 from core.pause import Waiter
+from core.workers import first_error
 from protocol.errors import UtilityError
 from protocol.weights import (
     BeginWeights,
@@ -164,7 +165,7 @@ class WeightUpdates:
 
     def _loaded(self, update: Update, replies: list[WorkerReply]) -> None:
         update.num_tensors = replies[0].num_tensors
-        error = _first_error(replies)
+        error = first_error(replies)
         if error is not None:
             self._end(update, False, error)
         elif update.from_client:
@@ -175,7 +176,7 @@ class WeightUpdates:
             self._end(update, True)
 
     def _chunk_taken(self, update: Update, caller: Waiter, replies: list[WorkerReply]) -> None:
-        error = _first_error(replies)
+        error = first_error(replies)
         if error is None:
             self.engine.answer(caller, None)
             return
@@ -187,7 +188,7 @@ class WeightUpdates:
         update.phase = "ending"
         self.engine.ops.run(
             lambda op_id: EndWeights(op_id, update.op_id, commit),
-            lambda replies: self._ended(update, commit and error is None, error or _first_error(replies), replies),
+            lambda replies: self._ended(update, commit and error is None, error or first_error(replies), replies),
         )
 
     def _ended(self, update: Update, commit: bool, error: Optional[str], replies: list[WorkerReply]) -> None:
@@ -283,13 +284,3 @@ def _account(update: Update, pieces: list[TensorPiece]) -> Optional[str]:
             return f"bytes {piece.offset}..{piece.offset + len(piece.data)} of tensor {piece.name!r} came out of order"
         update.received[piece.name] = got + len(piece.data)
     return None
-
-
-def _first_error(replies: list[WorkerReply]) -> Optional[str]:
-    """The first rank's error; named by rank where the ranks did not all fail alike."""
-    errors = [r for r in replies if r.error]
-    if not errors:
-        return None
-    if len(errors) == len(replies) and len({r.error for r in errors}) == 1:
-        return errors[0].error
-    return f"rank {errors[0].rank}: {errors[0].error}"

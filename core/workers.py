@@ -174,3 +174,13 @@ class WorkerOps:
         if len(replies) == self._num_ranks:
             del self._pending[reply.op_id]
             on_done(sorted(replies, key=lambda r: r.rank))
+
+
+def first_error(replies: list[WorkerReply]) -> str | None:
+    """The first rank's error; named by rank where the ranks did not all fail alike."""
+    errors = [r for r in replies if r.error]
+    if not errors:
+        return None
+    if len(errors) == len(replies) and len({r.error for r in errors}) == 1:
+        return errors[0].error
+    return f"rank {errors[0].rank}: {errors[0].error}"
