@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from frontend.http.app import ApiError, HttpContext, api_error, check_model, error_response
+from frontend.http.sampling import VllmSampling, room
 from frontend.http.generation import (
     GenerationRequest,
     Sample,
@@ -37,29 +38,10 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(VllmSampling):
     """What completions and chat share: OpenAI's fields and vLLM's extras."""
 
-    model_config = ConfigDict(extra="forbid")
     model: Optional[str] = None
-    max_tokens: Optional[int] = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=-1, ge=-1)
-    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=64)
-    seed: Optional[int] = None
-    stop: Optional[Union[str, list[str]]] = None
-    stop_token_ids: Optional[list[int]] = None
-    ignore_eos: bool = False
-    min_tokens: int = Field(default=0, ge=0)
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0)
-    skip_special_tokens: bool = True
-    # Fast tokenizers never put spaces between special tokens: either value gives the same text.
-    spaces_between_special_tokens: bool = True
-    include_stop_str_in_output: bool = False
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     return_token_ids: bool = False
@@ -105,25 +87,6 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: Optional[str] = None
     tokens: list[int]
-
-
-def sampling_kwargs(body: SamplingFields, logprobs: Optional[int], max_tokens: int) -> dict[str, Any]:
-    """The engine's sampling fields of an HTTP request (validated again by the client)."""
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    return dict(
-        max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
-        seed=body.seed, stop=stop, stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos,
-        logprobs=logprobs, min_tokens=body.min_tokens, presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
-        skip_special_tokens=body.skip_special_tokens, include_stop_str_in_output=body.include_stop_str_in_output,
-    )  # fmt: skip
-
-
-def room(ctx: HttpContext, prompts: list[list[int]], asked: Optional[int]) -> int:
-    """`max_tokens`: what was asked, or all the context the longest prompt leaves."""
-    if asked is not None:
-        return asked
-    return max(1, ctx.max_model_len - max(len(p) for p in prompts))
 
 
 def prompt_ids(ctx: HttpContext, prompt: Prompt) -> list[list[int]]:
@@ -278,7 +241,7 @@ def make_router(ctx: HttpContext) -> APIRouter:
         prompts = prompt_ids(ctx, body.prompt)
         request = GenerationRequest(
             body.request_id or f"cmpl-{uuid.uuid4().hex}", prompts,
-            sampling_kwargs(body, body.logprobs, room(ctx, prompts, body.max_tokens)), body.n, body.cache_salt,
+            body.engine_kwargs(body.logprobs, room(ctx, prompts, body.max_tokens)), body.n, body.cache_salt,
         )  # fmt: skip
         if body.stream:
             return await streaming(_completion_events(ctx, body, request, texts))
@@ -292,7 +255,7 @@ def make_router(ctx: HttpContext) -> APIRouter:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         request = GenerationRequest(
             body.request_id or f"chatcmpl-{uuid.uuid4().hex}", [prompt],
-            sampling_kwargs(body, logprobs, room(ctx, [prompt], body.max_completion_tokens or body.max_tokens)),
+            body.engine_kwargs(logprobs, room(ctx, [prompt], body.max_completion_tokens or body.max_tokens)),
             body.n, body.cache_salt,
         )  # fmt: skip
         if body.stream:

@@ -29,6 +29,7 @@ from frontend.http.generation import (
     stream_outputs,
 )
 from frontend.http.openai import sse, streaming
+from frontend.http.sampling import room
 from protocol.weights import DEFAULT_GROUP_NAME, tensor_specs
 
 SGLANG_TOP_K_OFF = 1 << 30  # SGLang's default top_k, "no limit"
@@ -197,8 +198,7 @@ def make_router(ctx: HttpContext) -> APIRouter:
         logprobs = body.top_logprobs_num if body.return_logprob else None
 
         def one(rid: str, prompt: list[int]) -> GenerationRequest:
-            max_tokens = params.max_new_tokens or max(1, ctx.max_model_len - len(prompt))
-            sampling = engine_sampling(params, max_tokens, logprobs)
+            sampling = engine_sampling(params, room(ctx, [prompt], params.max_new_tokens), logprobs)
             return GenerationRequest(rid, [prompt], sampling, params.n, body.cache_salt, hold_while_paused=True)
 
         return [one(r, p) for r, p in zip(rids, prompts)], batch

@@ -6,7 +6,7 @@ the state holds on the whole engine: the core owns it, whichever API server took
 """
 
 import uuid
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 import msgspec
 from fastapi import APIRouter, Query, Request
@@ -15,32 +15,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from frontend.http.app import ApiError, HttpContext, check_model
 from frontend.http.generation import GenerationRequest, collect, spans_json
-from frontend.http.openai import room
+from frontend.http.sampling import VllmSampling, room
 
 
-class VllmSamplingParams(BaseModel):
+class VllmSamplingParams(VllmSampling):
     """The keys of vLLM's `SamplingParams` that can arrive; one we cannot honour is refused by name."""
 
-    model_config = ConfigDict(extra="forbid")
-    n: int = Field(default=1, ge=1, le=64)
-    max_tokens: Optional[int] = Field(default=None, ge=1)
-    min_tokens: int = Field(default=0, ge=0)
-    temperature: float = Field(default=1.0, ge=0.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=-1, ge=-1)
-    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
-    seed: Optional[int] = None
-    stop: Optional[Union[str, list[str]]] = None
-    stop_token_ids: Optional[list[int]] = None
-    ignore_eos: bool = False
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0)
     logprobs: Optional[int] = Field(default=None, ge=0, le=20)
     prompt_logprobs: Optional[int] = None
-    skip_special_tokens: bool = True
-    spaces_between_special_tokens: bool = True  # no effect with fast tokenizers, as in vLLM
-    include_stop_str_in_output: bool = False
     detokenize: bool = True  # the text is not returned on this route either way
     output_kind: Optional[int] = None  # one final answer either way (no streaming here)
 
@@ -72,15 +54,7 @@ def engine_sampling(params: VllmSamplingParams, max_tokens: int) -> dict[str, An
     if params.prompt_logprobs is not None:
         param = "sampling_params.prompt_logprobs"
         raise ApiError(400, f"{param} is not supported yet", param=param)
-    stop = [params.stop] if isinstance(params.stop, str) else list(params.stop or [])
-    return dict(
-        max_tokens=max_tokens, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-        min_p=params.min_p, seed=params.seed, stop=stop, stop_token_ids=list(params.stop_token_ids or []),
-        ignore_eos=params.ignore_eos, logprobs=params.logprobs, min_tokens=params.min_tokens,
-        presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
-        repetition_penalty=params.repetition_penalty, skip_special_tokens=params.skip_special_tokens,
-        include_stop_str_in_output=params.include_stop_str_in_output,
-    )  # fmt: skip
+    return params.engine_kwargs(params.logprobs, max_tokens)
 
 
 def state_json(state: Any, **extra: Any) -> JSONResponse:
