@@ -240,11 +240,16 @@ class EngineLoop:
         else:
             self.output.send(waiter.client_index, UtilityResult(waiter.call_id, msgspec.to_builtins(value)))
 
-    def run_on_workers(self, make: Callable[[int], WorkerCommand], caller: Waiter) -> None:
-        """Send a command to every rank; `caller` gets the state once all succeeded, else the first error."""
+    def run_on_workers(
+        self, make: Callable[[int], WorkerCommand], caller: Waiter, succeeded: Callable[[], None] = lambda: None
+    ) -> None:
+        """Send a command to every rank; once all succeeded, `succeeded()` and `caller` gets the
+        state, else the first error."""
 
         def done(replies: list[WorkerReply]) -> None:
             error = first_error(replies)
+            if error is None:
+                succeeded()
             self.answer(caller, self.state(), None if error is None else UtilityError(error))
 
         self.ops.run(make, done)
@@ -286,6 +291,7 @@ class EngineLoop:
             weights_error=self.weights.broken,
             sleeping=sorted(self.sleep.asleep),
             num_workers=self.ops.num_ranks,
+            weight_groups=sorted(self.weights.groups),
             prompt_tokens_total=scheduler.counters.prompt_tokens,
             cached_prompt_tokens_total=scheduler.counters.cached_prompt_tokens,
             generation_tokens_total=scheduler.counters.generation_tokens,

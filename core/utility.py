@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import msgspec
 
 from core.pause import Waiter
+from core.weights import JoinedGroup
 from protocol.codec import decode_args
 from protocol.errors import UtilityError, error_kind
 from protocol.messages import AbortArgs, AbortResult, EngineState, NoArgs, PauseArgs, UtilityCall, UtilityResult
@@ -128,11 +129,21 @@ def init_weight_group(engine: "EngineLoop", args: InitWeightGroupArgs, call: Uti
             f"rank_offset {args.rank_offset} and {engine.ops.num_ranks} worker rank(s) do not fit in "
             f"world_size {args.world_size} (the trainer is rank 0)"
         )
-    engine.run_on_workers(lambda op_id: InitWeightGroup(op_id, args), caller(call))
+    if args.group_name in engine.weights.groups:
+        raise UtilityError(f"weight group {args.group_name!r} exists: destroy_weight_group first")
+    if args.bucket_bytes < 1:
+        raise UtilityError(f"bucket_bytes must be >= 1, got {args.bucket_bytes}")
+
+    def joined() -> None:
+        engine.weights.groups[args.group_name] = JoinedGroup(args)
+
+    engine.run_on_workers(lambda op_id: InitWeightGroup(op_id, args), caller(call), joined)
     return DEFERRED
 
 
 def destroy_weight_group(engine: "EngineLoop", args: GroupNameArgs, call: UtilityCall) -> Any:
+    """The group is forgotten here whatever the ranks answer: one that failed to leave it cannot use it."""
+    engine.weights.groups.pop(args.group_name, None)
     engine.run_on_workers(lambda op_id: DestroyWeightGroup(op_id, args.group_name), caller(call))
     return DEFERRED
 

@@ -13,6 +13,9 @@ whose frontend dies, or that sends nothing for TRANSFER_IDLE_S, is rolled back.
 
 Updates run one at a time in arrival order. A resume that arrives meanwhile waits for all of
 them: it never runs onto half-written weights.
+
+The weight groups every rank joined are kept here with how they pack, and the tensors of their
+last update, which an update through the group that names none sends again (vLLM's rule).
 """
 
 import logging
@@ -26,8 +29,10 @@ from core.pause import Waiter
 from core.workers import first_error
 from protocol.errors import UtilityError
 from protocol.weights import (
+    DEFAULT_BUCKET_BYTES,
     BeginWeights,
     EndWeights,
+    InitWeightGroupArgs,
     KvMode,
     TensorPiece,
     TensorSpec,
@@ -56,11 +61,19 @@ def next_version(version: str) -> str:
 
 
 @dataclass
+class JoinedGroup:
+    args: InitWeightGroupArgs
+    last_specs: list[TensorSpec] = field(default_factory=list)
+
+
+@dataclass
 class Update:
     caller: Optional[Waiter]  # who gets the result (None once a transfer's opening was answered)
     args: UpdateWeightsArgs
     specs: list[TensorSpec]  # empty for a path: the workers read the names from the files
     from_client: bool
+    packed: bool = False
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES
     started: float = field(default_factory=time.monotonic)
     phase: str = "queued"  # queued -> pausing -> loading -> (receiving ->) ending
     op_id: int = -1  # its BeginWeights, which names it on the workers
@@ -79,6 +92,7 @@ class WeightUpdates:
         self.active: Optional[Update] = None
         self.broken: Optional[str] = None  # why the weights must not serve, after a failed update
         self.waiting_resumes: list[tuple[Waiter, KvMode]] = []
+        self.groups: dict[str, JoinedGroup] = {}
 
     @property
     def busy(self) -> bool:
@@ -87,9 +101,22 @@ class WeightUpdates:
     def submit(self, caller: Waiter, args: UpdateWeightsArgs, from_client: bool) -> None:
         """Queue an update; UtilityError at once for bad arguments or an engine not paused."""
         specs = _checked_specs(args, from_client)
+        packed, bucket_bytes = bool(args.packed), args.bucket_bytes or DEFAULT_BUCKET_BYTES
+        if args.group is not None:
+            joined = self.groups.get(args.group)
+            if joined is None:
+                known = ", ".join(sorted(self.groups)) or "none"
+                raise UtilityError(f"no weight group {args.group!r} (joined: {known}): init_weight_group first")
+            specs = specs or joined.last_specs
+            if not specs:
+                raise UtilityError(f"no tensors to update: names is empty and group {args.group!r} sent none before")
+            packed = joined.args.packed if args.packed is None else args.packed
+            bucket_bytes = args.bucket_bytes or joined.args.bucket_bytes
         if not args.atomic and self.engine.pause.status != "paused":
             raise UtilityError("updating weights needs a paused engine: pause(mode=...) first, or atomic=True")
-        update = Update(caller, args, specs, from_client, owner=caller.client_index)
+        if args.group is not None:
+            self.groups[args.group].last_specs = specs
+        update = Update(caller, args, specs, from_client, packed, bucket_bytes, owner=caller.client_index)
         self.queue.append(update)
         self.poll()
 
@@ -159,7 +186,7 @@ class WeightUpdates:
         update.phase = "loading"
         args = update.args
         update.op_id = self.engine.ops.run(
-            lambda op_id: BeginWeights(op_id, args.path, args.group, update.specs, args.packed, args.bucket_bytes),
+            lambda op_id: BeginWeights(op_id, args.path, args.group, update.specs, update.packed, update.bucket_bytes),
             lambda replies: self._loaded(update, replies),
         )
 
@@ -255,7 +282,7 @@ def _checked_specs(args: UpdateWeightsArgs, from_client: bool) -> list[TensorSpe
         raise UtilityError("update_weights takes exactly one of path=, group= (or tensors=, from a client)")
     if args.kv is not None and not args.atomic:
         raise UtilityError("kv= is for atomic=True updates; otherwise pass it to resume()")
-    if args.bucket_bytes < 1:
+    if args.bucket_bytes is not None and args.bucket_bytes < 1:
         raise UtilityError(f"bucket_bytes must be >= 1, got {args.bucket_bytes}")
     if args.version is not None and not args.version:
         raise UtilityError("version must be a non-empty string")
@@ -267,7 +294,7 @@ def _checked_specs(args: UpdateWeightsArgs, from_client: bool) -> list[TensorSpe
         specs = tensor_specs(args.names, args.dtypes, args.shapes)
     except ValueError as error:
         raise UtilityError(str(error)) from None
-    if not specs:
+    if not specs and args.group is None:
         raise UtilityError("no tensors to update: names is empty")
     return specs
 

@@ -21,6 +21,7 @@ from protocol.weights import (
     DEFAULT_BUCKET_BYTES,
     DEFAULT_GROUP_NAME,
     GroupNameArgs,
+    GroupStyle,
     InitWeightGroupArgs,
     SleepArgs,
     TransferArgs,
@@ -52,8 +53,8 @@ class WeightCalls:
         names: Sequence[str] = (),
         dtypes: Sequence[str] = (),
         shapes: Sequence[Sequence[int]] = (),
-        packed: bool = False,
-        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        packed: Optional[bool] = None,
+        bucket_bytes: Optional[int] = None,
         version: Optional[str] = None,
         atomic: bool = False,
         kv: Optional[str] = None,
@@ -63,7 +64,8 @@ class WeightCalls:
         """New weights from one of: `path` (a safetensors file or HF folder, all tensors or some),
         `tensors` ({HF name: tensor}, sent in chunks, at most `chunk_bytes` in flight), or `group` (a
         trainer broadcasts `names` with `dtypes` and `shapes` in that order, or `packed` into
-        uint8 buckets of at most `bucket_bytes`). Needs a paused engine, or `atomic=True`:
+        uint8 buckets of `bucket_bytes`; none of them: the group's last names, None: the group's
+        packing, from `init_weight_group`). Needs a paused engine, or `atomic=True`:
         pause(keep), load, resume(kv) as one call. Returns once every worker loaded; a failure
         leaves the old weights (UtilityError says so)."""
         if sum(source is not None for source in (path, tensors, group)) != 1:
@@ -116,10 +118,16 @@ class WeightCalls:
         group_name: str = DEFAULT_GROUP_NAME,
         backend: Optional[str] = None,
         timeout_s: float = 300.0,
+        style: GroupStyle = "sglang",
+        packed: bool = False,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     ) -> EngineState:
         """Every worker rank joins the trainer's group (the trainer, rank 0, joins meanwhile);
-        returns once all joined. `backend` None: gloo on CPU, NCCL on CUDA."""
-        args = InitWeightGroupArgs(master_address, master_port, rank_offset, world_size, group_name, backend, timeout_s)
+        returns once all joined. `backend` None: gloo on CPU, NCCL on CUDA. `style` is whose
+        trainers make the group ("sglang": slime, AReaL; "vllm": vLLM's weight transfer over
+        torch.distributed); `packed` and `bucket_bytes` are how its updates pack by default."""
+        args = InitWeightGroupArgs(master_address, master_port, rank_offset, world_size, group_name, backend,
+                                   timeout_s, style, packed, bucket_bytes)  # fmt: skip
         return msgspec.convert(await self.call("init_weight_group", args, timeout_s + 30.0), EngineState)
 
     async def destroy_weight_group(self, group_name: str = DEFAULT_GROUP_NAME) -> EngineState:

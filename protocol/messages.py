@@ -35,6 +35,7 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
     logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
     min_tokens: int = 0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -67,6 +68,10 @@ def validate_sampling(params: SamplingParams) -> None:
         (
             params.logprobs is None or 0 <= params.logprobs <= MAX_LOGPROBS,
             f"logprobs must be in [0, {MAX_LOGPROBS}], got {params.logprobs}",
+        ),
+        (
+            params.prompt_logprobs is None or 0 <= params.prompt_logprobs <= MAX_LOGPROBS,
+            f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {params.prompt_logprobs}",
         ),
         (
             0 <= params.min_tokens <= params.max_tokens,
@@ -123,6 +128,7 @@ class RequestOutput(msgspec.Struct, array_like=True):
     cached_tokens: int = 0
     weight_version: str = INITIAL_WEIGHT_VERSION
     weight_versions: list[WeightSpan] = []
+    prompt_logprobs: Optional[Logprobs] = None  # prompt tokens 1.. (the first has none); first output only
 
     @property
     def finished(self) -> bool:
@@ -268,6 +274,7 @@ class CoreOutput(msgspec.Struct, array_like=True):
     weight_version: str = INITIAL_WEIGHT_VERSION
     error_kind: Optional[str] = None  # set when the request is refused with a typed error
     weight_versions: list[WeightSpan] = []
+    prompt_logprobs: Optional[Logprobs] = None
 
 
 class CoreOutputs(msgspec.Struct, tag="outputs", array_like=True):
@@ -334,6 +341,7 @@ class EngineState(msgspec.Struct):
     weights_error: Optional[str] = None  # a failed update left weights that must not serve
     sleeping: list[str] = []  # what sleep() took off the device: "weights", "kv_cache"
     num_workers: int = 1  # worker ranks (a trainer's weight group holds them and itself)
+    weight_groups: list[str] = []  # the weight groups every rank joined
     prompt_tokens_total: int = 0  # since start: prompt tokens admitted, of them cached, generated
     cached_prompt_tokens_total: int = 0
     generation_tokens_total: int = 0

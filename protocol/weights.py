@@ -17,8 +17,13 @@ import msgspec
 DTYPE_SIZES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
 DEFAULT_BUCKET_BYTES = 64 * 2**20
 DEFAULT_GROUP_NAME = "weight_update_group"
+# The group vLLM's routes use: vLLM has one weight-transfer engine per server, its group unnamed.
+VLLM_GROUP_NAME = "vllm_weight_transfer"
+VLLM_BUCKET_BYTES = 2**30  # vLLM's packed_buffer_size_bytes default
 KvMode = Literal["keep", "recompute"]
 SleepTag = Literal["weights", "kv_cache"]
+# How a weight group is made and packed, after whose trainers join it (see worker/weight_group.py).
+GroupStyle = Literal["sglang", "vllm"]
 
 
 def dtype_name(name: str) -> str:
@@ -97,6 +102,27 @@ def bucket_layout(specs: list[TensorSpec], bucket_bytes: int) -> list[list[Bucke
     return buckets
 
 
+def whole_tensor_layout(specs: list[TensorSpec], bucket_bytes: int) -> list[list[BucketPiece]]:
+    """vLLM's packed buckets: whole tensors concatenated in order, a bucket closed once its bytes
+    exceed `bucket_bytes` (the tensor that crosses it included), or at the end."""
+    if bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
+    buckets: list[list[BucketPiece]] = [[]]
+    used = 0
+    for index, spec in enumerate(specs):
+        if used > bucket_bytes:
+            buckets.append([])
+            used = 0
+        if spec.nbytes:  # a tensor without bytes takes no room, as in bucket_layout
+            buckets[-1].append(BucketPiece(index, 0, used, spec.nbytes))
+            used += spec.nbytes
+    return [bucket for bucket in buckets if bucket]
+
+
+def packed_layout(style: "GroupStyle", specs: list[TensorSpec], bucket_bytes: int) -> list[list[BucketPiece]]:
+    return (whole_tensor_layout if style == "vllm" else bucket_layout)(specs, bucket_bytes)
+
+
 def bucket_sizes(layout: list[list[BucketPiece]]) -> list[int]:
     return [bucket[-1].bucket_offset + bucket[-1].length for bucket in layout]
 
@@ -106,7 +132,8 @@ def bucket_sizes(layout: list[list[BucketPiece]]) -> list[int]:
 
 class UpdateWeightsArgs(msgspec.Struct, forbid_unknown_fields=True):
     """`update_weights`: one of `path` (a safetensors file or folder) or `group` (a weight group,
-    broadcasting `names` in order); `begin_weight_transfer` takes neither (a client sends them).
+    broadcasting `names` in order; none: the names of the group's last update); a client transfer
+    (`begin_weight_transfer`) takes neither. `packed` and `bucket_bytes` None: the group's own.
     `kv` is for `atomic` updates, which resume by themselves."""
 
     path: Optional[str] = None
@@ -114,8 +141,8 @@ class UpdateWeightsArgs(msgspec.Struct, forbid_unknown_fields=True):
     names: list[str] = []
     dtypes: list[str] = []
     shapes: list[list[int]] = []
-    packed: bool = False
-    bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    packed: Optional[bool] = None
+    bucket_bytes: Optional[int] = None
     version: Optional[str] = None
     atomic: bool = False
     kv: Optional[KvMode] = None
@@ -134,7 +161,8 @@ class WeightUpdateResult(msgspec.Struct):
 
 class InitWeightGroupArgs(msgspec.Struct, forbid_unknown_fields=True):
     """The trainer is rank 0 and hosts the rendezvous; worker rank r joins as `rank_offset + r`.
-    `backend` None means gloo on CPU, NCCL on CUDA."""
+    `backend` None means gloo on CPU, NCCL on CUDA (a vLLM-style group: gloo). `packed` and
+    `bucket_bytes` are what updates through the group use unless they say otherwise."""
 
     master_address: str
     master_port: int
@@ -143,6 +171,9 @@ class InitWeightGroupArgs(msgspec.Struct, forbid_unknown_fields=True):
     group_name: str = DEFAULT_GROUP_NAME
     backend: Optional[str] = None
     timeout_s: float = 300.0
+    style: GroupStyle = "sglang"
+    packed: bool = False
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES
 
 
 class GroupNameArgs(msgspec.Struct, forbid_unknown_fields=True):

@@ -129,7 +129,9 @@ class MemoryTags(BaseModel):
     tags: Optional[list[Literal["weights", "kv_cache"]]] = None
 
 
-def engine_sampling(params: SglSamplingParams, max_tokens: int, logprobs: Optional[int]) -> dict[str, Any]:
+def engine_sampling(
+    params: SglSamplingParams, max_tokens: int, logprobs: Optional[int], prompt_logprobs: Optional[int]
+) -> dict[str, Any]:
     stop = [params.stop] if isinstance(params.stop, str) else list(params.stop or [])
     return dict(
         max_tokens=max_tokens, temperature=params.temperature, top_p=params.top_p,
@@ -138,7 +140,7 @@ def engine_sampling(params: SglSamplingParams, max_tokens: int, logprobs: Option
         ignore_eos=params.ignore_eos, logprobs=logprobs, min_tokens=params.min_new_tokens,
         presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
         repetition_penalty=params.repetition_penalty, skip_special_tokens=params.skip_special_tokens,
-        include_stop_str_in_output=params.no_stop_trim,
+        include_stop_str_in_output=params.no_stop_trim, prompt_logprobs=prompt_logprobs,
     )  # fmt: skip
 
 
@@ -168,7 +170,25 @@ def result(sample: Sample, rid: str, texts: Optional[TokenTexts], body: SglGener
             meta["output_top_logprobs"] = [
                 [[lp, t, name(t)] for t, lp in zip(ids, lps)] for ids, lps in zip(sample.top_ids, sample.top_logprobs)
             ]
+        if sample.prompt_logprobs is not None:
+            meta.update(input_logprobs(sample, body, name))
     return {"text": sample.text, "output_ids": sample.token_ids, "meta_info": meta}
+
+
+def input_logprobs(sample: Sample, body: SglGenerateRequest, name: Any) -> dict[str, Any]:
+    """SGLang's `input_token_logprobs` (and `input_top_logprobs`) of the prompt from
+    `logprob_start_len` on; the first prompt token's logprob is None."""
+    found = sample.prompt_logprobs
+    assert found is not None
+    start = body.logprob_start_len
+    logprobs = [None, *found.token_logprobs][start:]
+    tokens = sample.prompt_ids[start:]
+    meta: dict[str, Any] = {"input_token_logprobs": [[lp, t, name(t)] for lp, t in zip(logprobs, tokens)]}
+    if body.top_logprobs_num:
+        tops = [None, *([[lp, t, name(t)] for t, lp in zip(ids, lps)]
+                        for ids, lps in zip(found.top_token_ids, found.top_logprobs))]  # fmt: skip
+        meta["input_top_logprobs"] = tops[start:]
+    return meta
 
 
 def make_router(ctx: HttpContext) -> APIRouter:
@@ -181,8 +201,9 @@ def make_router(ctx: HttpContext) -> APIRouter:
         the body was a batch (then the answer is a list)."""
         if (body.text is None) == (body.input_ids is None):
             raise ApiError(400, "give exactly one of text or input_ids", param="text")
-        if body.logprob_start_len != -1:
-            raise ApiError(400, "logprob_start_len: prompt logprobs are not supported yet", param="logprob_start_len")
+        if body.logprob_start_len < -1:
+            raise ApiError(400, "logprob_start_len: -1 (output logprobs only) or a prompt position",
+                           param="logprob_start_len")  # fmt: skip
         batch = isinstance(body.text, list) or (bool(body.input_ids) and isinstance(body.input_ids[0], list))
         if body.text is not None:
             prompts = [ctx.tokenizer.encode_prompt(t) for t in (body.text if batch else [body.text])]
@@ -196,9 +217,10 @@ def make_router(ctx: HttpContext) -> APIRouter:
             raise ApiError(400, f"rid: {len(rids)} ids for {len(prompts)} prompts", param="rid")
         params = body.sampling_params
         logprobs = body.top_logprobs_num if body.return_logprob else None
+        prompt_logprobs = logprobs if body.logprob_start_len >= 0 else None
 
         def one(rid: str, prompt: list[int]) -> GenerationRequest:
-            sampling = engine_sampling(params, room(ctx, [prompt], params.max_new_tokens), logprobs)
+            sampling = engine_sampling(params, room(ctx, [prompt], params.max_new_tokens), logprobs, prompt_logprobs)
             return GenerationRequest(rid, [prompt], sampling, params.n, body.cache_salt, hold_while_paused=True)
 
         return [one(r, p) for r, p in zip(rids, prompts)], batch
@@ -293,7 +315,8 @@ def make_router(ctx: HttpContext) -> APIRouter:
             await client.abort_all()
         version = await client.set_weight_version(body.new_version)
         message = f"Weight version updated to {version}."
-        return JSONResponse({"success": True, "message": message, "new_version": version})
+        # vLLM's route of the same name reads `weight_version`.
+        return JSONResponse({"success": True, "message": message, "new_version": version, "weight_version": version})
 
     @router.get("/get_weight_version")
     async def get_weight_version() -> JSONResponse:

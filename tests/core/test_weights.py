@@ -12,6 +12,8 @@ from protocol.messages import EngineState, FrontendHello, PauseArgs, UtilityCall
 from protocol.weights import (
     BeginWeights,
     EndWeights,
+    GroupNameArgs,
+    InitWeightGroupArgs,
     ResumeArgs,
     TensorPiece,
     TransferArgs,
@@ -59,6 +61,11 @@ class Engine:
     def state(self) -> EngineState:
         return self.loop.state()
 
+    def join_group(self, name: str = "g", **args) -> None:
+        self.call("init_weight_group", InitWeightGroupArgs("127.0.0.1", 1234, 1, 1 + self.workers.num_workers,
+                                                           name, **args))  # fmt: skip
+        self.reply()
+
 
 def test_an_update_needs_a_paused_engine_or_atomic():
     engine = Engine()
@@ -86,6 +93,7 @@ def test_an_atomic_update_pauses_loads_on_every_rank_commits_and_resumes():
 
 def test_a_failed_update_that_could_not_restore_keeps_the_engine_paused_until_one_succeeds():
     engine = Engine()
+    engine.join_group()
     engine.call("pause", PauseArgs("abort"))
     call = engine.call("update_weights", UpdateWeightsArgs(group="g", **NORM))
     engine.reply(error="the broadcast broke")
@@ -163,7 +171,8 @@ def test_a_chunk_out_of_order_rolls_the_transfer_back():
     [
         (UpdateWeightsArgs(), "exactly one of path=, group="),
         (UpdateWeightsArgs(path="/a", group="g"), "exactly one of path=, group="),
-        (UpdateWeightsArgs(group="g"), "no tensors to update"),
+        (UpdateWeightsArgs(group="g"), "no tensors to update: names is empty and group 'g' sent none before"),
+        (UpdateWeightsArgs(group="h", **NORM), "no weight group 'h' (joined: g)"),
         (UpdateWeightsArgs(group="g", names=["a"], dtypes=["int8"], shapes=[[1]]), "dtype 'int8' is not accepted"),
         (UpdateWeightsArgs(group="g", names=["a", "b"], dtypes=["float32"], shapes=[[1]]), "differ in length"),
         (UpdateWeightsArgs(path="/a", kv="recompute"), "kv= is for atomic=True"),
@@ -172,9 +181,28 @@ def test_a_chunk_out_of_order_rolls_the_transfer_back():
 )
 def test_bad_update_arguments_are_refused_before_any_rank_sees_them(args, error):
     engine = Engine()
+    engine.join_group()
     engine.call("pause", PauseArgs("abort"))
+    submitted = len(engine.workers.submitted)
     assert error in engine.answer(engine.call("update_weights", args)).error
-    assert engine.workers.submitted == []
+    assert len(engine.workers.submitted) == submitted
+
+
+def test_a_group_update_packs_as_its_group_says_and_without_names_sends_its_last_tensors():
+    engine = Engine()
+    engine.join_group("v", style="vllm", packed=True, bucket_bytes=4096)
+    assert engine.state().weight_groups == ["v"]
+    engine.call("pause", PauseArgs("abort"))
+    for args in (UpdateWeightsArgs(group="v", **NORM), UpdateWeightsArgs(group="v", packed=False, bucket_bytes=8)):
+        engine.call("update_weights", args)
+        begin = engine.workers.submitted[-1]
+        engine.reply()
+        engine.reply()
+        assert isinstance(begin, BeginWeights) and [s.name for s in begin.tensors] == NORM["names"]
+        assert (begin.packed, begin.bucket_bytes) == ((True, 4096) if args.names else (False, 8))
+    engine.call("destroy_weight_group", GroupNameArgs("v"))
+    engine.reply()
+    assert engine.state().weight_groups == []
 
 
 def test_next_version_counts_up_the_trailing_number():

@@ -1,13 +1,19 @@
-"""The HTTP servers as RL frameworks drive them: slime's SGLang weight sync with a trainer in this
-process, the reject policy with several API servers (and SGLang's requests held regardless), and
-a bounded load of streams through four API servers across repeated pause(keep) / resume."""
+"""The HTTP servers as RL frameworks drive them: slime's SGLang weight sync and vLLM's weight
+transfer with a trainer in this process, the reject policy with several API servers (and SGLang's
+requests held regardless), and a bounded load of streams through four API servers across
+repeated pause(keep) / resume."""
 
 import asyncio
 import json
 import threading
 
+from datetime import timedelta
+
 import httpx
 import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.distributed_c10d import PrefixStore, ProcessGroupGloo, rendezvous
 
 from frontend.client import AsyncClient
 from frontend.weight_sync import TrainerWeightGroup, distinct_tensors
@@ -68,6 +74,116 @@ def test_slime_style_weight_sync_over_sglang_routes(models):
     for name in ("b", "c"):
         models.assert_serves(name, [r["output_ids"] for r in found[name]])
         assert {r["meta_info"]["weight_version"] for r in found[name]} == {f"v-{name}"}
+
+
+class VllmTrainer:
+    """Rank 0 of a weight transfer the way vLLM's trainer side makes and feeds it on CPU
+    (`TorchDistTransport` over `stateless_init_torch_distributed_process_group`, and
+    `packed_nccl_broadcast_producer`'s packing), written from vLLM's code, not from ours."""
+
+    def __init__(self, port: int, world_size: int) -> None:
+        address = f"tcp://127.0.0.1:{port}"
+        timeout = timedelta(seconds=60)
+        store, _, _ = next(rendezvous(address, 0, world_size, timeout=timeout))
+        prefixed = PrefixStore(address, store)
+        self.group = dist.ProcessGroup(prefixed, 0, world_size)
+        backend = ProcessGroupGloo(prefixed, 0, world_size, timeout=timeout)
+        self.group._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
+        backend._set_sequence_number_for_group()
+        self.group._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, backend)
+
+    def broadcast(self, tensor: torch.Tensor) -> None:
+        dist.broadcast(tensor, group_src=0, group=self.group)
+        dist.barrier(group=self.group)
+
+    def send(self, state_dict: dict, packed: bool, buffer_bytes: int) -> int:
+        """Returns the number of broadcasts."""
+        if not packed:
+            for tensor in state_dict.values():
+                self.broadcast(tensor.contiguous())
+            return len(state_dict)
+        chunk, size, count = [], 0, 0
+        for tensor in state_dict.values():
+            chunk.append(tensor.contiguous().view(torch.uint8).view(-1))
+            size += chunk[-1].numel()
+            if size > buffer_bytes:
+                self.broadcast(torch.cat(chunk))
+                chunk, size, count = [], 0, count + 1
+        if chunk:
+            self.broadcast(torch.cat(chunk))
+            count += 1
+        return count
+
+
+def init_vllm_transfer(http: httpx.Client, **init: object) -> VllmTrainer:
+    """`/init_weight_transfer_engine` and the trainer's side together, as rlhf_http_nccl.py does."""
+    world_size = http.get("/get_world_size").json()["world_size"] + 1
+    port = free_port_range(1)
+    answer: dict = {}
+    info = {"master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": world_size, **init}
+    engine_side = threading.Thread(target=lambda: answer.update(r=http.post(
+        "/init_weight_transfer_engine", json={"init_info": info})))  # fmt: skip
+    engine_side.start()
+    trainer = VllmTrainer(port, world_size)
+    engine_side.join()
+    assert answer["r"].status_code == 200, answer["r"].text
+    return trainer
+
+
+def vllm_greedy(http: httpx.Client, num_tokens: int = 8) -> list[list[int]]:
+    outputs = []
+    for prompt in PROMPTS:
+        body = {"token_ids": prompt, "sampling_params": {"max_tokens": num_tokens, "temperature": 0.0,
+                                                         "ignore_eos": True}}  # fmt: skip
+        response = http.post("/inference/v1/generate", json=body)
+        assert response.status_code == 200, response.text
+        outputs.append(response.json()["choices"][0]["token_ids"])
+    return outputs
+
+
+def test_vllm_weight_transfer_routes_with_a_vllm_style_trainer(models):
+    engine = start_engine(models.folders["a"], "--max-num-seqs", "8", http=True)
+    small_buckets = 3000  # several buckets of whole tensors
+    try:
+        with httpx.Client(base_url=engine.http_url, timeout=120) as http:
+            assert http.post("/start_weight_update").status_code == 400  # no transfer engine yet
+            trainer = init_vllm_transfer(http, packed=True, packed_buffer_size_bytes=small_buckets)
+            found, broadcasts = {}, {}
+            # b one broadcast per tensor (update_info says so); c packed as init_info says; then a,
+            # its update_info naming no tensors: the last update's again.
+            for name, packed in (("b", False), ("c", None), ("a", None)):
+                state_dict = distinct_tensors(models.state_dict(name))
+                update_info: dict = {"names": [], "dtype_names": [], "shapes": []}
+                if name != "a":
+                    update_info = {"names": list(state_dict), "dtype_names": ["float32"] * len(state_dict),
+                                   "shapes": [list(t.shape) for t in state_dict.values()]}  # fmt: skip
+                if packed is not None:
+                    update_info["packed"] = packed
+                assert http.post("/pause?mode=keep&clear_cache=false").status_code == 200
+                assert http.post("/start_weight_update", json={"is_checkpoint_format": True}).status_code == 200
+                answer: dict = {}
+                engine_side = threading.Thread(target=lambda: answer.update(r=http.post(
+                    "/update_weights", json={"update_info": update_info})))  # fmt: skip
+                engine_side.start()
+                broadcasts[name] = trainer.send(state_dict, packed is None, small_buckets)
+                engine_side.join()
+                assert answer["r"].status_code == 200, answer["r"].text
+                finished = http.post("/finish_weight_update", json={"weight_version": f"v-{name}"})
+                assert finished.json()["weight_version"] == f"v-{name}"
+                assert http.post("/resume").status_code == 200
+                found[name] = vllm_greedy(http)
+                assert http.get("/weight_info").json() == {"weight_version": f"v-{name}"}
+            init_vllm_transfer(http)  # a second init replaces the group
+            bad = http.post("/update_weights", json={"update_info": {"names": ["x"], "dtype_names": ["int8"],
+                                                                     "shapes": [[1]]}})  # fmt: skip
+            unknown = http.post("/init_weight_transfer_engine", json={"init_info": {"nccl_unique_id_b64": "x"}})
+    finally:
+        engine.stop()
+    for name in ("b", "c", "a"):
+        models.assert_serves(name, found[name])
+    assert 1 < broadcasts["c"] < len(distinct_tensors(models.state_dict("c")))
+    assert bad.status_code == 400 and "int8" in bad.text
+    assert unknown.status_code == 400
 
 
 def test_reject_policy_refuses_openai_requests_while_paused_but_holds_sglangs(models):
