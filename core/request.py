@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from protocol.messages import AddRequest, FinishReason, Logprobs, SamplingParams, WeightSpan
+from protocol.step import PromptLogprobs
 
 
 class Status(enum.Enum):
@@ -44,6 +45,8 @@ class Request:
     weight_spans: list[WeightSpan] = field(default_factory=list)  # over the output tokens
     cache_salt: Optional[str] = None
     admitted_before: bool = False  # counted in the prompt-token totals
+    prompt_logprobs: Optional[Logprobs] = None  # of prompt tokens 1.., when asked; sent once
+    prompt_logprobs_sent: bool = False
 
     @classmethod
     def from_message(cls, message: AddRequest) -> "Request":
@@ -59,6 +62,7 @@ class Request:
             all_token_ids=list(message.prompt_token_ids),
             num_prompt_tokens=len(message.prompt_token_ids),
             cache_salt=message.cache_salt,
+            prompt_logprobs=None if message.sampling.prompt_logprobs is None else Logprobs([], [], []),
         )
 
     @property
@@ -87,6 +91,27 @@ class Request:
             if self.new_logprobs is None:
                 self.new_logprobs = Logprobs([], [], [])
             self.new_logprobs.extend(logprobs)
+
+    def add_prompt_logprobs(self, found: PromptLogprobs) -> None:
+        """Keep the logprobs of prompt tokens not had yet: a prompt computed again (after a
+        preemption) sends the ones before again."""
+        have = self.prompt_logprobs
+        if have is None or self.prompt_logprobs_sent:
+            return
+        skip = 1 + len(have.token_logprobs) - found.start
+        if skip < 0:
+            expected = 1 + len(have.token_logprobs)
+            raise ValueError(f"prompt logprobs from token {found.start} came before token {expected}")
+        have.token_logprobs += found.logprobs.token_logprobs[skip:]
+        have.top_token_ids += found.logprobs.top_token_ids[skip:]
+        have.top_logprobs += found.logprobs.top_logprobs[skip:]
+
+    def take_prompt_logprobs(self) -> Optional[Logprobs]:
+        """The prompt logprobs, once: with the first output, when the prompt is all computed."""
+        if self.prompt_logprobs is None or self.prompt_logprobs_sent or self.num_output_tokens == 0:
+            return None
+        self.prompt_logprobs_sent = True
+        return self.prompt_logprobs
 
     def _extend_spans(self, weight_version: str) -> None:
         """The new output token (at index `num_output_tokens`) joins its version's span."""

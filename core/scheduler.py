@@ -90,12 +90,20 @@ class Scheduler:
             budget -= num_tokens
         # After a preemption nothing new starts this step: the freed blocks go to those running.
         preempted = self.num_preemptions > preemptions_before
+        computing = self._blocks_in_progress()
+        deferred: list[Request] = []
         while admit_new and not preempted and budget > 0 and self.waiting and len(self.running) < self.limits.max_num_seqs:
-            num_tokens = self._admit(self.waiting[0], budget)
+            request = self.waiting[0]
+            if self._waits_for_shared_prefix(request, computing):
+                deferred.append(self.waiting.popleft())
+                continue
+            num_tokens = self._admit(request, budget)
             if num_tokens == 0:
                 break
             scheduled.append((self.waiting.popleft(), num_tokens))
+            computing.update(request.block_hashes[request.num_blocks_cached :])
             budget -= num_tokens
+        self.waiting.extendleft(reversed(deferred))
         if not scheduled:
             return None
         return ScheduledStep(self._plan(scheduled), scheduled)
@@ -113,10 +121,28 @@ class Scheduler:
         request.block_ids += self.pool.allocate(need)
         return True
 
+    def _blocks_in_progress(self) -> set[int]:
+        """Hashes of the full blocks running requests know but have not computed (cached) yet."""
+        computing: set[int] = set()
+        for request in self.running:
+            computing.update(request.block_hashes[request.num_blocks_cached :])
+        return computing
+
+    def _waits_for_shared_prefix(self, request: Request, computing: set[int]) -> bool:
+        """A request whose prefix a running one is computing now starts once those blocks are
+        cached, and reuses them: `n` samples of one prompt compute it once."""
+        if not computing or request.sampling.prompt_logprobs is not None:
+            return False
+        reusable = request.block_hashes[: (request.num_tokens - 1) // self.pool.block_size]
+        return any(block_hash in computing for block_hash in reusable)
+
     def _admit(self, request: Request, budget: int) -> int:
         """Start a waiting request from its longest cached prefix; 0 when blocks are short."""
-        # The last prompt token always runs: its logits give the first output token.
+        # The last prompt token always runs: its logits give the first output token. Prompt
+        # logprobs need every prompt token's logits: nothing cached is reused.
         max_hit_blocks = (request.num_tokens - 1) // self.pool.block_size
+        if request.sampling.prompt_logprobs is not None and not request.prompt_logprobs_sent:
+            max_hit_blocks = 0
         hit = self.pool.lookup(request.block_hashes[:max_hit_blocks])
         self.pool.take(hit.blocks)
         num_tokens = min(request.num_tokens - hit.num_tokens, budget)
@@ -210,6 +236,9 @@ class Scheduler:
                 continue
             request.num_computed_tokens += num_tokens
             self._cache_computed_blocks(request)
+            found = result.prompt_logprobs.get(request.request_id)
+            if found is not None:
+                request.add_prompt_logprobs(found)
             token = sampled.get(request.request_id)
             if token is None:
                 continue
@@ -313,6 +342,7 @@ class Scheduler:
             self.weight_version,
             request.error_kind,
             list(request.weight_spans),
+            request.take_prompt_logprobs(),
         )
         request.new_token_ids, request.new_logprobs = [], None
         return request.client_index, output

@@ -66,6 +66,7 @@ class RequestState:
             cached_tokens=self.cached_tokens,
             weight_version=out.weight_version,
             weight_versions=out.weight_versions,
+            prompt_logprobs=out.prompt_logprobs,
         )
         return OutputUpdate(output, stopped_by_string=delta.stopped and not out.finish_reason)
 

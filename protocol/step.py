@@ -50,13 +50,22 @@ class StepPlan(msgspec.Struct, tag="step", array_like=True):
     finished_ids: list[str] = []
 
 
+class PromptLogprobs(msgspec.Struct, array_like=True):
+    """Logprobs of prompt tokens `start, start + 1, ...`, each given the tokens before it."""
+
+    start: int
+    logprobs: Logprobs
+
+
 class StepResult(msgspec.Struct, tag="step_result", array_like=True):
-    """Sampled tokens in plan order, one per request that sampled; logprobs for those that asked."""
+    """Sampled tokens in plan order, one per request that sampled; logprobs for those that asked,
+    and prompt logprobs of the prompt tokens this step computed for those that asked."""
 
     step_id: int
     sampled_request_ids: list[str] = []
     sampled_token_ids: list[int] = []
     logprobs: dict[str, Logprobs] = {}
+    prompt_logprobs: dict[str, PromptLogprobs] = {}
     error: Optional[str] = None
     interrupted: bool = False  # abandoned on an `InterruptStep`: nothing computed, nothing sampled
 

@@ -28,6 +28,19 @@ class RequestState:
 
 
 @dataclass
+class PromptRows:
+    """Rows of a request's prompt logprobs this step: packed-batch positions `[first, first +
+    count)` predict prompt tokens `[start, start + count)`."""
+
+    request_id: str
+    first: int
+    start: int
+    count: int
+    num_top: int
+    targets: list[int]
+
+
+@dataclass
 class StepInputs:
     """The packed batch `[T]` of one step and, for the requests that sample, their rows."""
 
@@ -41,6 +54,15 @@ class StepInputs:
     sample_indices: torch.Tensor  # [S] last token of each sampling request
     sample_ids: list[str]
     sample_states: list[RequestState]
+    prompt_rows: list[PromptRows]
+
+    @property
+    def logit_indices(self) -> torch.Tensor:
+        """The positions whose logits the step needs: the sampling ones, then the prompt rows'."""
+        if not self.prompt_rows:
+            return self.sample_indices
+        rows = [torch.arange(r.first, r.first + r.count, device=self.sample_indices.device) for r in self.prompt_rows]
+        return torch.cat([self.sample_indices, *rows])
 
 
 class BatchState:
@@ -110,6 +132,7 @@ class BatchState:
             sample_indices=self._tensor([query_starts[i] + query_lens[i] - 1 for i in samples]),
             sample_ids=[scheduled[i].request_id for i in samples],
             sample_states=[states[i] for i in samples],
+            prompt_rows=_prompt_rows(scheduled, states, computed, context, query_starts),
         )
 
     def _tensor(self, values: list) -> torch.Tensor:
@@ -125,6 +148,23 @@ class BatchState:
         """After a step: the scheduled tokens are now in the cache."""
         for sched in scheduled:
             self.requests[sched.request_id].num_computed_tokens += sched.num_scheduled_tokens
+
+
+def _prompt_rows(
+    scheduled: list[ScheduledRequest], states: list[RequestState], computed: list[int], context: list[int],
+    query_starts: list[int],
+) -> list[PromptRows]:
+    """For requests that asked for prompt logprobs: each scheduled position whose next token is a
+    prompt token (the last prompt token's logits sample the first output)."""
+    rows = []
+    for sched, state, begin, end, query_start in zip(scheduled, states, computed, context, query_starts):
+        num_top = state.sampling.prompt_logprobs
+        last = min(end, state.num_prompt_tokens - 1)
+        if num_top is None or begin >= last:
+            continue
+        targets = state.token_ids[begin + 1 : last + 1]
+        rows.append(PromptRows(sched.request_id, query_start, begin + 1, last - begin, num_top, targets))
+    return rows
 
 
 def _exclusive_cumsum(values: list[int]) -> list[int]:

@@ -12,13 +12,13 @@ import logging
 
 import torch
 
-from protocol.step import StepPlan, StepResult
+from protocol.step import PromptLogprobs, StepPlan, StepResult
 from worker.attention import build_metadata
 from worker.batch import BatchState, StepInputs
 from worker.interrupts import InterruptWatcher, StepInterrupted
 from worker.kv_cache import KVCache
 from worker.llama import NativeLlama, native_model
-from worker.sampler import SampleRow, compute_logprobs, sample
+from worker.sampler import SampleRow, compute_logprobs, logprobs_of, sample
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +54,15 @@ class ModelRunner:
             # Nothing advances: the core schedules the same tokens again, and they are recomputed.
             return StepResult(step_id=plan.step_id, interrupted=True)
         self.batch.advance(plan.scheduled)
-        if not self.is_driver or not inputs.sample_ids:
+        if not self.is_driver or not (inputs.sample_ids or inputs.prompt_rows):
             return StepResult(step_id=plan.step_id)
-        return self._sample(plan.step_id, inputs, logits)
+        num_samples = len(inputs.sample_ids)
+        result = self._sample(plan.step_id, inputs, logits[:num_samples])
+        result.prompt_logprobs = self._prompt_logprobs(inputs, logits[num_samples:])
+        return result
 
     def _forward(self, inputs: StepInputs, step_id: int) -> torch.Tensor:
-        """Logits `[S, V]` of the sampling positions only."""
+        """Logits `[S + P, V]` of the sampling positions, then of the prompt-logprob rows."""
         meta = build_metadata(
             self.kv_cache,
             inputs.slot_mapping,
@@ -71,17 +74,28 @@ class ModelRunner:
         if self.native is not None:
             interrupts = self.interrupts
             stop = (lambda: interrupts.requested(step_id)) if interrupts is not None else None
-            return self.native.forward(inputs.input_ids, inputs.positions, meta, inputs.sample_indices, stop)
+            return self.native.forward(inputs.input_ids, inputs.positions, meta, inputs.logit_indices, stop)
         output = self.model(
             input_ids=inputs.input_ids[None],
             position_ids=inputs.positions[None],
             attn_meta=meta,
             use_cache=False,
-            logits_to_keep=inputs.sample_indices,
+            logits_to_keep=inputs.logit_indices,
         )
         return output.logits[0]
 
+    def _prompt_logprobs(self, inputs: StepInputs, logits: torch.Tensor) -> dict[str, PromptLogprobs]:
+        found, offset = {}, 0
+        for rows in inputs.prompt_rows:
+            targets = torch.tensor(rows.targets, dtype=torch.long, device=logits.device)
+            part = logits[offset : offset + rows.count]
+            found[rows.request_id] = PromptLogprobs(rows.start, logprobs_of(part, targets, rows.num_top))
+            offset += rows.count
+        return found
+
     def _sample(self, step_id: int, inputs: StepInputs, logits: torch.Tensor) -> StepResult:
+        if not inputs.sample_ids:
+            return StepResult(step_id=step_id)
         states = inputs.sample_states
         rows = [
             SampleRow(st.sampling, st.generator, st.token_ids, st.num_prompt_tokens, st.stop_token_ids) for st in states

@@ -103,22 +103,26 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
     return torch.zeros_like(sorted_probs).scatter_(-1, order, sorted_probs)
 
 
+def logprobs_of(logits: torch.Tensor, token_ids: torch.Tensor, num_top: int) -> Logprobs:
+    """Each row's logprob of its token in `token_ids`, and its `num_top` most likely tokens'."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    chosen = logprobs.gather(-1, token_ids[:, None])[:, 0].tolist()
+    top_values, top_ids = logprobs.topk(num_top, dim=-1) if num_top else (logprobs[:, :0], logprobs[:, :0].long())
+    return Logprobs(chosen, top_ids.tolist(), top_values.tolist())
+
+
 def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: list[int | None]) -> dict[int, Logprobs]:
     """Logprobs per row that asked (`num_top[i]` not None): the sampled token's and the top ones."""
     wanted = [i for i, k in enumerate(num_top) if k is not None]
     if not wanted:
         return {}
     rows = torch.tensor(wanted, device=logits.device)
-    logprobs = logits[rows].float().log_softmax(dim=-1)
-    chosen = logprobs.gather(-1, token_ids[rows][:, None])[:, 0].tolist()
-    max_k = max(num_top[i] for i in wanted)
-    top_values, top_ids = logprobs.topk(max_k, dim=-1) if max_k else (logprobs[:, :0], logprobs[:, :0].long())
-    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    found = logprobs_of(logits[rows], token_ids[rows], max(num_top[i] for i in wanted))
     return {
         row: Logprobs(
-            token_logprobs=[chosen[j]],
-            top_token_ids=[top_ids[j][: num_top[row]]],
-            top_logprobs=[top_values[j][: num_top[row]]],
+            token_logprobs=[found.token_logprobs[j]],
+            top_token_ids=[found.top_token_ids[j][: num_top[row]]],
+            top_logprobs=[found.top_logprobs[j][: num_top[row]]],
         )
         for j, row in enumerate(wanted)
     }

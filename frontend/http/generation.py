@@ -14,7 +14,7 @@ from typing import Any
 
 from frontend.client import AsyncClient, RequestOutput
 from frontend.tokenizer import Tokenizer
-from protocol.messages import WeightSpan
+from protocol.messages import Logprobs, WeightSpan
 
 
 @dataclass
@@ -32,8 +32,11 @@ class Sample:
     weight_version: str = ""
     weight_versions: list[WeightSpan] = field(default_factory=list)
     cached_tokens: int = 0
+    prompt_logprobs: Logprobs | None = None  # of prompt tokens 1.., when asked
 
     def add(self, out: RequestOutput) -> None:
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         self.token_ids += out.token_ids
         self.text += out.text
         if out.logprobs is not None:
@@ -109,6 +112,22 @@ async def _run(client: AsyncClient, request: GenerationRequest, sample: Sample, 
 def spans_json(spans: list[WeightSpan]) -> list[dict[str, Any]]:
     """`weight_versions` as every dialect shows them: `[{version, start, end}]`."""
     return [{"version": s.version, "start": s.start, "end": s.end} for s in spans]
+
+
+def vllm_prompt_logprobs(sample: Sample, texts: "TokenTexts") -> list[dict[str, Any] | None] | None:
+    """vLLM's `prompt_logprobs`: None for the first prompt token, then per token `{id: {logprob,
+    rank, decoded_token}}` of the token itself and the top ones (rank None: not among them)."""
+    found = sample.prompt_logprobs
+    if found is None:
+        return None
+    entries: list[dict[str, Any] | None] = [None]
+    for token_id, logprob, ids, values in zip(sample.prompt_ids[1:], found.token_logprobs, found.top_token_ids,
+                                              found.top_logprobs):  # fmt: skip
+        entry = {str(t): {"logprob": v, "rank": rank, "decoded_token": texts(t)}
+                 for rank, (t, v) in enumerate(zip(ids, values), start=1)}  # fmt: skip
+        entry.setdefault(str(token_id), {"logprob": logprob, "rank": None, "decoded_token": texts(token_id)})
+        entries.append(entry)
+    return entries
 
 
 class TokenTexts:

@@ -23,6 +23,7 @@ from frontend.http.generation import (
     GenerationRequest,
     Sample,
     TokenTexts,
+    vllm_prompt_logprobs,
     collect,
     samples_of,
     spans_json,
@@ -173,6 +174,25 @@ def completion_logprobs(sample: Sample, start: int, texts: TokenTexts, as_ids: b
             "text_offset": offsets}  # fmt: skip
 
 
+def echoed_logprobs(sample: Sample, texts: TokenTexts, as_ids: bool, offset: int) -> dict[str, Any]:
+    """Completions' logprobs with `echo`: the prompt's tokens first (the first has none, as in
+    OpenAI's and vLLM's), then the sample's from `offset` in the text."""
+    name = (lambda t: f"token_id:{t}") if as_ids else texts
+    found = sample.prompt_logprobs
+    generated = completion_logprobs(sample, 0, texts, as_ids, offset)
+    if found is None:  # the request ended before its prompt was computed
+        return generated
+    offsets, position = [], 0
+    for token_id in sample.prompt_ids:
+        offsets.append(position)
+        position += len(texts(token_id))
+    tops = [{name(t): lp for t, lp in zip(ids, lps)} for ids, lps in zip(found.top_token_ids, found.top_logprobs)]
+    return {"tokens": [name(t) for t in sample.prompt_ids] + generated["tokens"],
+            "token_logprobs": [None, *found.token_logprobs] + generated["token_logprobs"],
+            "top_logprobs": [None, *tops] + generated["top_logprobs"],
+            "text_offset": offsets + generated["text_offset"]}  # fmt: skip
+
+
 def chat_logprobs(sample: Sample, start: int, texts: TokenTexts, as_ids: bool) -> dict[str, Any]:
     name = (lambda t: f"token_id:{t}") if as_ids else texts
 
@@ -236,12 +256,14 @@ def make_router(ctx: HttpContext) -> APIRouter:
     @router.post("/v1/completions")
     async def completions(body: CompletionRequest) -> Response:
         check_model(ctx, body.model)
-        if body.echo and body.logprobs is not None:
-            raise ApiError(400, "echo with logprobs (prompt logprobs) is not supported yet", param="echo")
         prompts = prompt_ids(ctx, body.prompt)
+        # echo with logprobs shows the prompt's logprobs too (lm-eval's log-likelihood).
+        echoes_logprobs = body.echo and body.logprobs is not None
+        prompt_logprobs = max(body.logprobs or 0, body.prompt_logprobs or 0) if echoes_logprobs else None
         request = GenerationRequest(
             body.request_id or f"cmpl-{uuid.uuid4().hex}", prompts,
-            body.engine_kwargs(body.logprobs, room(ctx, prompts, body.max_tokens)), body.n, body.cache_salt,
+            body.engine_kwargs(body.logprobs, room(ctx, prompts, body.max_tokens), prompt_logprobs), body.n,
+            body.cache_salt,
         )  # fmt: skip
         if body.stream:
             return await streaming(_completion_events(ctx, body, request, texts))
@@ -273,10 +295,9 @@ def _completion(ctx: HttpContext, body: CompletionRequest, request: GenerationRe
         prefix = ctx.tokenizer.hf.decode(sample.prompt_ids) if body.echo else ""
         choice = {"index": sample.index, "text": prefix + sample.text, "finish_reason": sample.finish_reason,
                   "stop_reason": None, **versions(sample)}  # fmt: skip
-        choice["logprobs"] = (
-            completion_logprobs(sample, 0, texts, body.return_tokens_as_token_ids, len(prefix))
-            if body.logprobs is not None else None
-        )  # fmt: skip
+        choice["logprobs"] = _logprobs(body, sample, texts, 0, len(prefix))
+        if body.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = vllm_prompt_logprobs(sample, texts)
         if body.return_token_ids:
             choice["token_ids"], choice["prompt_token_ids"] = sample.token_ids, sample.prompt_ids
         choices.append(choice)
@@ -298,6 +319,8 @@ def _chat_completion(ctx: HttpContext, body: ChatRequest, request: GenerationReq
                 "model": ctx.model_name, "choices": choices, "usage": usage(samples)}  # fmt: skip
     if body.return_token_ids:
         response["prompt_token_ids"] = request.prompts[0]
+    if body.prompt_logprobs is not None:
+        response["prompt_logprobs"] = vllm_prompt_logprobs(samples[0], texts)
     return response
 
 
@@ -326,14 +349,20 @@ async def streaming(events: AsyncIterator[str]) -> StreamingResponse:
 async def _completion_events(ctx, body: CompletionRequest, request: GenerationRequest, texts: TokenTexts):
     samples, created = samples_of(request), int(time.time())
     head = {"id": request.request_id, "object": "text_completion", "created": created, "model": ctx.model_name}
+    echo_lengths: dict[int, int] = {}  # each sample's echoed prompt text, which text offsets count
     async for index, out in stream_outputs(ctx.client, request):
         sample = samples[index]
-        start, offset = len(sample.token_ids), len(sample.text)
-        echo = ctx.tokenizer.hf.decode(sample.prompt_ids) if body.echo and start == 0 and not sample.text else ""
+        first = index not in echo_lengths
+        echo = ctx.tokenizer.hf.decode(sample.prompt_ids) if body.echo and first else ""
+        if first:
+            echo_lengths[index] = len(echo)
+        start, offset = len(sample.token_ids), echo_lengths[index] + len(sample.text)
         sample.add(out)
         choice = {"index": index, "text": echo + out.text, "finish_reason": out.finish_reason, "stop_reason": None}
         if body.logprobs is not None:
-            choice["logprobs"] = completion_logprobs(sample, start, texts, body.return_tokens_as_token_ids, offset)
+            choice["logprobs"] = _logprobs(body, sample, texts, start, offset, first)
+        if body.prompt_logprobs is not None and out.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = vllm_prompt_logprobs(sample, texts)
         yield sse({**head, "choices": [_streamed(choice, sample, out, body)]})
     if body.stream_options is not None and body.stream_options.include_usage:
         yield sse({**head, "choices": [], "usage": usage(samples)})
@@ -358,6 +387,17 @@ async def _chat_events(ctx, body: ChatRequest, request: GenerationRequest, texts
         yield sse({**head, "choices": [_streamed(choice, sample, out, body)]})
     if body.stream_options is not None and body.stream_options.include_usage:
         yield sse({**head, "choices": [], "usage": usage(samples)})
+
+
+def _logprobs(body: CompletionRequest, sample: Sample, texts: TokenTexts, start: int, offset: int,
+              first: bool = True) -> dict[str, Any] | None:  # fmt: skip
+    """A completion choice's `logprobs` from token `start` on; with echo, the prompt's lead the
+    `first` chunk."""
+    if body.logprobs is None:
+        return None
+    if body.echo and first:
+        return echoed_logprobs(sample, texts, body.return_tokens_as_token_ids, offset)
+    return completion_logprobs(sample, start, texts, body.return_tokens_as_token_ids, offset)
 
 
 def _streamed(choice: dict[str, Any], sample: Sample, out: Any, body: SamplingFields) -> dict[str, Any]:

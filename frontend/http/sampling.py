@@ -28,9 +28,13 @@ class VllmSampling(BaseModel):
     # Fast tokenizers never put spaces between special tokens: either value gives the same text.
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    prompt_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
 
-    def engine_kwargs(self, logprobs: Optional[int], max_tokens: int) -> dict[str, Any]:
-        """The engine's sampling fields (validated again by the client)."""
+    def engine_kwargs(
+        self, logprobs: Optional[int], max_tokens: int, prompt_logprobs: Optional[int] = None
+    ) -> dict[str, Any]:
+        """The engine's sampling fields (validated again by the client); `prompt_logprobs` None:
+        the request's own."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return dict(
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
@@ -39,6 +43,7 @@ class VllmSampling(BaseModel):
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty, skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
         )  # fmt: skip
 
 

@@ -1,8 +1,8 @@
 from core.block_pool import BlockPool
 from core.request import Request, Status
 from core.scheduler import Scheduler, SchedulerLimits
-from protocol.messages import AddRequest, SamplingParams
-from protocol.step import StepResult
+from protocol.messages import AddRequest, Logprobs, SamplingParams
+from protocol.step import PromptLogprobs, StepResult
 
 
 def make_scheduler(num_blocks=16, block_size=4, max_num_seqs=8, budget=64, max_model_len=64):
@@ -91,6 +91,55 @@ def test_prefix_cache_hit_skips_computed_blocks():
     assert step.plan.new_requests[0].block_ids[:2] == [0, 1]
 
 
+def prompt_logprobs_of(step) -> dict[str, PromptLogprobs]:
+    """What the workers find for each request asking for prompt logprobs: token i's logprob is -i."""
+    found = {}
+    for request, n in step.requests:
+        first = request.num_computed_tokens + 1
+        last = min(request.num_computed_tokens + n, request.num_prompt_tokens - 1)
+        if request.sampling.prompt_logprobs is not None and first <= last:
+            values = [-float(i) for i in range(first, last + 1)]
+            found[request.request_id] = PromptLogprobs(first, Logprobs(values, [[]] * len(values), [[]] * len(values)))
+    return found
+
+
+def test_prompt_logprobs_compute_the_whole_prompt_and_come_once_with_the_first_output():
+    scheduler = make_scheduler(budget=4)
+    add(scheduler, "a", range(10), max_tokens=1)
+    for _ in range(3):
+        run_step(scheduler)
+    message = AddRequest("b", "b", 0, list(range(10)), SamplingParams(max_tokens=2, prompt_logprobs=0), [])
+    request = Request.from_message(message)
+    scheduler.add(request)
+    firsts = []
+    for _ in range(4):
+        step = scheduler.schedule()
+        firsts.append(step.requests[0][0].num_computed_tokens)
+        result = sample_all(step)
+        result.prompt_logprobs = prompt_logprobs_of(step)
+        outputs = scheduler.update(step, result)
+        if outputs:
+            found = outputs[0][1].prompt_logprobs
+            assert (found is None) == (request.num_output_tokens > 1)
+            if found is not None:
+                assert found.token_logprobs == [-float(i) for i in range(1, 10)]
+    assert firsts == [0, 4, 8, 10]  # nothing reused from the cache: every prompt token's logits
+    assert request.num_cached_tokens == 0
+
+
+def test_samples_of_one_prompt_compute_it_once_and_others_are_not_held_up():
+    scheduler = make_scheduler(budget=14)
+    first = add(scheduler, "s0", range(13), max_tokens=2)
+    second = add(scheduler, "s1", range(13), max_tokens=2)
+    add(scheduler, "other", range(100, 103), max_tokens=2)
+    step, _ = run_step(scheduler)  # s1 waits for the blocks s0 computes; the request after it runs
+    assert [(r.request_id, n) for r, n in step.requests] == [("s0", 13), ("other", 1)]
+    prompt_blocks = first.block_ids[:3]
+    step, _ = run_step(scheduler)
+    assert [(r.request_id, n) for r, n in step.requests] == [("s0", 1), ("other", 2), ("s1", 1)]
+    assert second.num_cached_tokens == 12 and second.block_ids[:3] == prompt_blocks
+
+
 def test_whole_prompt_cached_still_runs_last_token():
     scheduler = make_scheduler()
     add(scheduler, "a", range(8), max_tokens=1)
@@ -148,29 +197,28 @@ def test_blocks_computed_with_old_weights_are_never_reused_after_new_weights():
     run_step(scheduler)  # caches blocks 0 and 1 (8 tokens)
     held = add(scheduler, "held", range(9), max_tokens=1)  # arrived before the update, waits
     scheduler.new_weights("v1")
-    add(scheduler, "new", range(9), max_tokens=1)
+    new = add(scheduler, "new", range(9), max_tokens=1)
     step = scheduler.schedule()
-    assert [r.num_computed_tokens for r, _ in step.requests] == [0, 0]
-    assert held in [r for r, _ in step.requests]
+    # held computes from the start; new, of the same prompt, waits for those blocks
+    assert [(r, r.num_computed_tokens) for r, _ in step.requests] == [(held, 0)]
     scheduler.update(step, sample_all(step))
-    add(scheduler, "after", range(9), max_tokens=1)
     step = scheduler.schedule()
-    assert step.requests[0][0].num_computed_tokens == 8  # blocks of the new weights are reused
+    assert [(r, r.num_computed_tokens) for r, _ in step.requests] == [(new, 8)]  # the new weights' blocks
 
 
 def test_recompute_requeues_running_requests_in_order_and_keeps_their_tokens():
     scheduler = make_scheduler()
     a, b = add(scheduler, "a", range(5), max_tokens=9), add(scheduler, "b", range(6), max_tokens=9)
-    run_step(scheduler)
+    run_step(scheduler)  # b waits for the first block, which it shares with a
     run_step(scheduler)
     assert scheduler.recompute_running() == 2
     assert [r.request_id for r in scheduler.waiting] == ["a", "b"] and scheduler.pool.num_free == 16
     step = scheduler.schedule()
     assert sorted(step.plan.finished_ids) == ["a", "b"]  # the workers drop their old rows
-    # Each sends its prompt and 2 sampled tokens again; the first full block is a prefix hit.
+    # Each sends its prompt and the tokens sampled so far again; the first full block is a prefix hit.
     new = [(n.request_id, len(n.token_ids), n.num_computed_tokens) for n in step.plan.new_requests]
-    assert new == [("a", 7, 4), ("b", 8, 4)]
-    assert (a.num_output_tokens, b.num_output_tokens) == (2, 2)
+    assert new == [("a", 7, 4), ("b", 7, 4)]
+    assert (a.num_output_tokens, b.num_output_tokens) == (2, 1)
 
 
 def test_output_spans_follow_the_weight_version_of_each_token():

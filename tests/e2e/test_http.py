@@ -9,6 +9,8 @@ import time
 import httpx
 import openai
 import pytest
+import torch
+import transformers
 
 from frontend.client import AsyncClient, Client
 from tests.e2e.engine import start_engine
@@ -59,6 +61,43 @@ def test_openai_completions_and_chat_give_the_zmq_clients_greedy_tokens(engine):
     streamed = api.chat.completions.create(model="tiny", messages=messages, stream=True, **greedy)
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == text
     assert chat.choices[0].model_extra["weight_version"] == "0"
+
+
+def test_prompt_logprobs_in_every_dialect_equal_transformers(engine, tiny_models):
+    """lm-eval's log-likelihood request (echo, logprobs=1, max_tokens=1), SGLang's
+    logprob_start_len and vLLM's prompt_logprobs, twice (the second time from a warm prefix cache)."""
+    prompt_ids = [17, 4000, 220, 9, 31, 77, 1200, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 300]
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids])).logits[0].log_softmax(-1)
+    expected = logits[:-1].gather(-1, torch.tensor(prompt_ids[1:])[:, None])[:, 0].tolist()
+    api = openai.OpenAI(base_url=f"{engine.http_url}/v1", api_key=API_KEY)
+    for _ in range(2):
+        done = api.completions.create(model="tiny", prompt=prompt_ids, echo=True, logprobs=1, max_tokens=1,
+                                      temperature=0.0)  # fmt: skip
+        logprobs = done.choices[0].logprobs
+        assert len(logprobs.tokens) == len(prompt_ids) + 1 and logprobs.token_logprobs[0] is None
+        assert logprobs.token_logprobs[1 : len(prompt_ids)] == pytest.approx(expected, abs=1e-4)
+        assert logprobs.top_logprobs[0] is None and all(len(t) == 1 for t in logprobs.top_logprobs[1:])
+        assert logprobs.text_offset[0] == 0 and done.choices[0].text.startswith(logprobs.tokens[0])
+        chunks = [c for c in api.completions.create(model="tiny", prompt=prompt_ids, echo=True, logprobs=1,
+                                                    max_tokens=3, temperature=0.0, stream=True) if c.choices]
+        streamed = [lp for c in chunks for lp in c.choices[0].logprobs.token_logprobs]
+        assert streamed[0] is None and streamed[1 : len(prompt_ids)] == pytest.approx(expected, abs=1e-4)
+        assert len(streamed) == len(prompt_ids) + 3
+    with httpx.Client(base_url=engine.http_url, headers=AUTH, timeout=60) as http:
+        sglang = http.post("/generate", json={"input_ids": prompt_ids, "return_logprob": True, "logprob_start_len": 3,
+                                              "sampling_params": {"max_new_tokens": 1}}).json()  # fmt: skip
+        vllm = http.post("/inference/v1/generate", json={"token_ids": prompt_ids, "sampling_params": {
+            "max_tokens": 1, "prompt_logprobs": 2}}).json()  # fmt: skip
+    inputs = sglang["meta_info"]["input_token_logprobs"]
+    assert [t for _, t, _ in inputs] == prompt_ids[3:]
+    assert [lp for lp, _, _ in inputs] == pytest.approx(expected[2:], abs=1e-4)
+    prompt_logprobs = vllm["prompt_logprobs"]
+    assert prompt_logprobs[0] is None and len(prompt_logprobs) == len(prompt_ids)
+    own = [entry[str(t)]["logprob"] for entry, t in zip(prompt_logprobs[1:], prompt_ids[1:])]
+    assert own == pytest.approx(expected, abs=1e-4)
+    assert all(2 <= len(entry) <= 3 for entry in prompt_logprobs[1:])
 
 
 def test_bad_requests_get_openai_errors_naming_the_field(engine):

@@ -73,6 +73,25 @@ def test_logprobs_equal_log_softmax_of_transformers_logits(llama_folder):
         assert lp.top_logprobs[0] == pytest.approx(top.values.tolist(), abs=1e-4)
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "transformers"])
+def test_prompt_logprobs_across_chunks_equal_log_softmax_of_transformers_logits(llama_folder, native):
+    sampling = SamplingParams(temperature=0.0, prompt_logprobs=2)
+    reqs = [Req("echo", prompt(6, 11), 2, sampling=sampling, chunk=4), Req("plain", prompt(7, 5), 2)]
+    done = ToyCore(make_runner(llama_folder, native=native)).run(reqs)
+    assert done["plain"].prompt_logprobs == []
+    echo = done["echo"]
+    assert [start for start, _ in echo.prompt_logprobs] == [1, 5, 9]  # chunks of 4: tokens 1-4, 5-8, 9-10
+    token_logprobs = [v for _, lp in echo.prompt_logprobs for v in lp.token_logprobs]
+    top_ids = [ids for _, lp in echo.prompt_logprobs for ids in lp.top_token_ids]
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama_folder).eval()
+    with torch.no_grad():
+        expected = model(torch.tensor([echo.prompt])).logits[0].log_softmax(-1)[:-1]
+    targets = torch.tensor(echo.prompt[1:])
+    assert token_logprobs == pytest.approx(expected.gather(-1, targets[:, None])[:, 0].tolist(), abs=1e-4)
+    assert top_ids == expected.topk(2).indices.tolist()
+    assert echo.output == reference_generate(llama_folder, echo.prompt, 2)
+
+
 def test_native_forward_reads_the_hf_parameters_after_an_in_place_update(llama_folder):
     """Q/K/V and gate/up are fused; the HF parameters are views of the fused tensors, so a weight
     update written into them (`param.copy_`) reaches both forwards alike."""

@@ -71,6 +71,7 @@ class Req:
     registered: bool = False
     output: list[int] = field(default_factory=list)
     logprobs: list[Logprobs] = field(default_factory=list)
+    prompt_logprobs: list[tuple[int, Logprobs]] = field(default_factory=list)  # (first token, its logprobs)
 
     @property
     def done(self) -> bool:
@@ -111,6 +112,8 @@ class ToyCore:
         by_id = {r.id: r for r in active}
         for sched in plan.scheduled:
             by_id[sched.request_id].computed += sched.num_scheduled_tokens
+        for rid, found in result.prompt_logprobs.items():
+            by_id[rid].prompt_logprobs.append((found.start, found.logprobs))
         for rid, tok in zip(result.sampled_request_ids, result.sampled_token_ids):
             r = by_id[rid]
             r.tokens.append(tok)
