@@ -1,19 +1,26 @@
-"""Output throughput and latency of zeroserve against transformers on one greedy workload.
+"""Output throughput and latency of zeroserve against vLLM's CPU build and transformers on one
+greedy workload, in fp32 and bf16, every system alone on the cores, one after another.
 
-    python bench/throughput.py [--num-requests 32] [--seed 0] [--skip-hf-cb] [--engine-arg=--block-size=32]
+    python bench/throughput.py [--vllm-python /tmp/vllm-venv/bin/python] [--repeats 3]
+        [--dtypes float32 bfloat16] [--num-requests 32] [--seed 0] [--engine-arg=--block-size=32]
 
-(from any folder; `python -m bench.throughput` from the repo root works too.)
+(from any folder; `python -m bench.throughput` from the repo root works too.) vLLM's venv comes
+from `shared/peers/vllm_cpu_setup.sh`; without `--vllm-python` its rows are left out.
 
-Every system serves the same requests on the model `python -m worker.model_loader` resolves, in
-fp32 on CPU: random prompt token ids (ordinary vocabulary ids, 32-256 tokens), 32-128 new tokens
-per request, greedy, EOS ignored, so that each request generates exactly its own number of tokens.
+Every system serves the same requests on the model `python -m worker.model_loader` resolves:
+random prompt token ids (ordinary vocabulary ids, 32-256 tokens), 32-128 new tokens per request,
+greedy, EOS ignored, so that each request generates exactly its own number of tokens. Each
+system runs the workload `--repeats` times after a short warm-up, its prefix cache reset before
+each repetition; the table shows the median repetition's figures and every repetition's tok/s.
 
-* zeroserve: `python -m launch.cli serve` with all its processes, driven through `AsyncClient`,
-  every request submitted at once (after one short warm-up request);
-* transformers `generate` on one static, left-padded batch, and transformers continuous batching
-  (`bench/hf_baselines.py`).
+* zeroserve: `python -m launch.cli serve --dtype D` with all its processes, driven through
+  `AsyncClient`, every request submitted at once;
+* vLLM: `LLM.generate`'s loop in a subprocess of vLLM's python (`bench/vllm_runner.py`), both
+  cores (`VLLM_CPU_OMP_THREADS_BIND=0-1`), each output's arrival timed;
+* transformers `generate` on one static, left-padded batch (fp32, once).
 
-It prints one table, then the compute bound: the measured fp32 matmul rate / (2 x parameters).
+Below the table: the workload's matmul FLOPs (prompt tokens included) and the bound they set at
+the fp32 and bf16 matmul rates measured in the same run.
 
 Latency conventions: TTFT runs from a request's submission to its first new token. ITL is the gap
 between consecutive token arrivals, pooled over all requests; when one output carries k tokens, its
@@ -29,8 +36,13 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
 import asyncio
+import json
 import logging
+import os
+import subprocess
+import tempfile
 import time
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -52,30 +64,59 @@ from bench.common import (  # noqa: E402
     setup_logging,
     timing_from_arrivals,
 )
-from bench.hf_baselines import load_hf_model, run_hf_cb, run_hf_static  # noqa: E402
+from bench.hf_baselines import load_hf_model, run_hf_static  # noqa: E402
 from frontend.client import AsyncClient  # noqa: E402
 
 logger = logging.getLogger("bench")
 
-ENGINE_ARGS = ["--device", "cpu", "--dtype", "float32"]
+DTYPES = ("float32", "bfloat16")
+SHORT_DTYPES = {"float32": "fp32", "bfloat16": "bf16"}
 MATMUL_SIZE = 2048
 MATMUL_REPEATS = 5
 MATMUL_ROUNDS = 4
-COLUMNS = ["system", "out tok/s", "TTFT p50 ms", "ITL p50 ms", "ITL p99 ms",
-           "tok/s vs zs", "TTFT vs zs", "ITL50 vs zs", "wall s", "note"]
-WIDTHS = [32, 10, 12, 11, 11, 12, 11, 12, 8]
+VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "0-1", "HF_HUB_OFFLINE": "1",
+            "VLLM_LOGGING_LEVEL": "WARNING"}  # fmt: skip
+COLUMNS = ["system", "dtype", "out tok/s", "every repetition tok/s", "TTFT p50 ms", "ITL p50 ms", "ITL p99 ms",
+           "tok/s vs zs", "ITL99 vs zs", "start s", "note"]  # fmt: skip
+WIDTHS = [26, 5, 9, 24, 11, 10, 10, 11, 11, 7]
+
+
+@dataclass
+class Runs:
+    """One system in one dtype: its repetitions (each a SystemResult) and its start-up time."""
+
+    name: str
+    dtype: str
+    repetitions: list[SystemResult] = field(default_factory=list)
+    start_s: float | None = None
+    error: str | None = None
+    note: str = ""
+
+    @property
+    def median(self) -> SystemResult:
+        """The repetition of median throughput (the lower middle one for an even count)."""
+        ordered = sorted(self.repetitions, key=lambda r: r.tokens_per_s)
+        return ordered[(len(ordered) - 1) // 2]
 
 
 # ---- zeroserve ------------------------------------------------------------------------------
 
 
-def run_zeroserve(folder: str, workload: Workload, args: argparse.Namespace) -> SystemResult:
-    with running_engine(folder, ENGINE_ARGS + args.engine_arg, start_timeout_s=args.engine_start_timeout) as addresses:
-        return asyncio.run(asyncio.wait_for(drive_zeroserve(addresses[0], workload), args.zeroserve_timeout))
+def run_zeroserve(folder: str, workload: Workload, dtype: str, args: argparse.Namespace) -> Runs:
+    runs = Runs("zeroserve", dtype)
+    started = time.perf_counter()
+    options = ["--device", "cpu", "--dtype", dtype, *args.engine_arg]
+    with running_engine(folder, options, start_timeout_s=args.engine_start_timeout) as addresses:
+        runs.start_s = time.perf_counter() - started
+        for _ in range(args.repeats):
+            run = drive_zeroserve(addresses[0], workload)
+            runs.repetitions.append(asyncio.run(asyncio.wait_for(run, args.zeroserve_timeout)))
+    return runs
 
 
 async def drive_zeroserve(address: str, workload: Workload) -> SystemResult:
     async with AsyncClient(address) as client:
+        await client.reset_prefix_cache()
         await stream_request(client, WARMUP_PROMPT, WARMUP_TOKENS)
         logger.info("zeroserve: submitting %d requests at once", len(workload.prompts))
         start = time.perf_counter()
@@ -101,13 +142,54 @@ async def stream_request(client: AsyncClient, prompt: list[int], max_tokens: int
     return timing_from_arrivals(submitted, arrivals, token_ids)
 
 
+# ---- vLLM -----------------------------------------------------------------------------------
+
+
+def run_vllm(python: str, folder: str, workload: Workload, dtype: str, args: argparse.Namespace) -> Runs:
+    """`bench/vllm_runner.py` in vLLM's python, alone on the cores; its start-up is the seconds
+    until its warm-up request finished."""
+    runs = Runs("vLLM-CPU LLM.generate", dtype)
+    job = {"model": folder, "dtype": dtype, "repeats": args.repeats, "prompts": workload.prompts,
+           "max_new_tokens": workload.max_new_tokens, "warmup_prompt": WARMUP_PROMPT,
+           "warmup_tokens": WARMUP_TOKENS}  # fmt: skip
+    runner = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_runner.py")
+    with tempfile.TemporaryDirectory() as scratch:
+        job_path, result_path = os.path.join(scratch, "job.json"), os.path.join(scratch, "result.json")
+        with open(job_path, "w") as file:
+            json.dump(job, file)
+        logger.info("vLLM %s: starting %s", dtype, python)
+        env = {**os.environ, **VLLM_ENV}
+        completed = subprocess.run([python, runner, job_path, result_path], env=env, cwd=scratch,
+                                   timeout=args.vllm_timeout, capture_output=True, text=True)  # fmt: skip
+        if completed.returncode != 0:
+            tail = completed.stderr.strip().splitlines()[-20:]
+            logger.error("vLLM %s failed:\n%s", dtype, "\n".join(tail))
+            raise RuntimeError(f"vllm_runner exited with {completed.returncode}: {tail[-1] if tail else ''}")
+        with open(result_path) as file:
+            result = json.load(file)
+    runs.name = f"vLLM-CPU {result['version']} LLM.generate"
+    runs.start_s = result["start_s"]
+    for repetition in result["repetitions"]:
+        timings = [RequestTiming(r["ttft_s"], r["itls_s"], r["token_ids"]) for r in repetition["requests"]]
+        check_lengths("vLLM", workload, timings)
+        runs.repetitions.append(SystemResult(runs.name, repetition["elapsed_s"], timings))
+    return runs
+
+
+# ---- transformers ---------------------------------------------------------------------------
+
+
+def run_transformers(folder: str, workload: Workload) -> Runs:
+    return Runs("transformers static batch", "float32", [run_hf_static(load_hf_model(folder), workload)])
+
+
 # ---- compute bound and table ----------------------------------------------------------------
 
 
-def matmul_flops_per_s() -> float:
+def matmul_flops_per_s(dtype: torch.dtype) -> float:
     """The best of a few timed rounds: a peak rate, not one spoiled by a busy neighbour."""
-    a = torch.randn(MATMUL_SIZE, MATMUL_SIZE)
-    b = torch.randn(MATMUL_SIZE, MATMUL_SIZE)
+    a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, dtype=dtype)
+    b = torch.randn(MATMUL_SIZE, MATMUL_SIZE, dtype=dtype)
     a @ b
     return max(_matmul_round(a, b) for _ in range(MATMUL_ROUNDS))
 
@@ -119,53 +201,71 @@ def _matmul_round(a: torch.Tensor, b: torch.Tensor) -> float:
     return 2 * MATMUL_SIZE**3 * MATMUL_REPEATS / (time.perf_counter() - start)
 
 
-def compute_bound_line(flops: float, num_params: int, workload: Workload) -> str:
-    bound = flops / (2 * num_params)
-    output_share = workload.num_output_tokens / (workload.num_output_tokens + workload.num_prompt_tokens)
-    return (f"compute bound: fp32 matmul {flops / 1e9:.1f} GFLOP/s / (2 x {num_params / 1e6:.1f}M params) = "
-            f"{bound:.0f} tokens/s processed; with this workload's prompt tokens, "
-            f"<= {bound * output_share:.0f} output tokens/s")
+def workload_flops(folder: str, workload: Workload) -> float:
+    """The matmul FLOPs of serving the workload: every layer's projections for each prompt and
+    output token, the LM head for each output token (attention's own products left out)."""
+    config = transformers.AutoConfig.from_pretrained(folder)
+    hidden, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    qkvo = hidden * head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+    per_token = layers * (qkvo + 3 * hidden * inter)
+    tokens = workload.num_prompt_tokens + workload.num_output_tokens
+    return 2.0 * (per_token * tokens + hidden * config.vocab_size * workload.num_output_tokens)
 
 
-def result_row(result: SystemResult, reference: SystemResult | None) -> list[str]:
-    if result.error is not None:
-        return [result.name] + ["n/a"] * 8 + [f"failed: {result.error}"]
-    ref_ok = reference is not None and reference.error is None
-    metrics: list[Callable[[SystemResult], float | None]] = [
-        lambda r: r.tokens_per_s, SystemResult.ttft_median_ms, lambda r: r.itl_ms(50)]
-    ratios = [ratio(m(result), m(reference) if ref_ok else None) for m in metrics]
-    return [result.name, number(result.tokens_per_s), number(result.ttft_median_ms()),
-            number(result.itl_ms(50)), number(result.itl_ms(99)), *ratios,
-            number(result.elapsed_s), result.note]
+def bound_lines(flops: float, workload: Workload, rates: dict[str, float]) -> list[str]:
+    lines = [f"workload: {len(workload.prompts)} requests, {workload.num_prompt_tokens} prompt + "
+             f"{workload.num_output_tokens} output tokens = {flops / 1e12:.2f} TFLOP of matmuls"]  # fmt: skip
+    for dtype, rate in rates.items():
+        bound = workload.num_output_tokens / (flops / rate)
+        lines.append(f"{SHORT_DTYPES[dtype]} bound: matmul {MATMUL_SIZE}^2 at {rate / 1e9:.0f} GFLOP/s "
+                     f"-> {bound:.0f} output tok/s")  # fmt: skip
+    return lines
 
 
-def print_results(results: list[SystemResult], bound_line: str) -> None:
-    reference = next((r for r in results if r.name == "zeroserve"), None)
-    print_table(COLUMNS, WIDTHS, [result_row(result, reference) for result in results])
-    print("ratios are system / zeroserve (for TTFT and ITL, above 1x means slower than zeroserve)")
-    print(bound_line)
+def result_row(runs: Runs, reference: Runs | None) -> list[str]:
+    dtype = SHORT_DTYPES[runs.dtype]
+    if runs.error is not None or not runs.repetitions:
+        return [runs.name, dtype] + ["n/a"] * 8 + [f"failed: {runs.error}"]
+    median = runs.median
+    every = " ".join(number(r.tokens_per_s, 0) for r in runs.repetitions)
+    ref = reference.median if reference is not None and reference.repetitions else None
+    return [runs.name, dtype, number(median.tokens_per_s), every, number(median.ttft_median_ms()),
+            number(median.itl_ms(50)), number(median.itl_ms(99)),
+            ratio(median.tokens_per_s, ref.tokens_per_s if ref else None),
+            ratio(median.itl_ms(99), ref.itl_ms(99) if ref else None),
+            number(runs.start_s), runs.note]  # fmt: skip
 
 
-def add_agreement_notes(results: list[SystemResult]) -> None:
-    """Greedy outputs of the same model should match zeroserve's; say how many requests do."""
-    reference = next((r for r in results if r.name == "zeroserve" and r.error is None), None)
-    for result in results:
-        if reference is None or result is reference or result.error is not None:
+def add_agreement_notes(all_runs: list[Runs]) -> None:
+    """Greedy outputs should match zeroserve's fp32 ones; say how many requests do."""
+    reference = next((r for r in all_runs if r.name == "zeroserve" and r.dtype == "float32" and r.repetitions), None)
+    for runs in all_runs:
+        if reference is None or runs is reference or not runs.repetitions:
             continue
-        same = sum(a.token_ids == b.token_ids for a, b in zip(result.timings, reference.timings))
-        result.note = "; ".join(filter(None, [result.note, f"{same}/{len(result.timings)} outputs = zeroserve"]))
+        pairs = zip(runs.median.timings, reference.median.timings)
+        same = sum(a.token_ids == b.token_ids for a, b in pairs)
+        runs.note = "; ".join(filter(None, [runs.note, f"{same}/{len(runs.median.timings)} outputs = zs fp32"]))
+
+
+def print_results(all_runs: list[Runs], lines: list[str]) -> None:
+    zeroserve = {r.dtype: r for r in all_runs if r.name == "zeroserve"}
+    print_table(COLUMNS, WIDTHS, [result_row(r, zeroserve.get(r.dtype)) for r in all_runs])
+    print("ratios are system / zeroserve in the same dtype (ITL above 1x: slower than zeroserve)")
+    for line in lines:
+        print(line)
 
 
 # ---- main -----------------------------------------------------------------------------------
 
 
-def guarded(name: str, run: Callable[[], SystemResult]) -> SystemResult:
+def guarded(name: str, dtype: str, run: Callable[[], Runs]) -> Runs:
     """A failing system becomes a table row with its reason; the others still run."""
     try:
         return run()
     except Exception as error:
-        logger.exception("%s failed", name)
-        return SystemResult(name, error=f"{type(error).__name__}: {error}".splitlines()[0])
+        logger.exception("%s %s failed", name, dtype)
+        return Runs(name, dtype, error=f"{type(error).__name__}: {error}".splitlines()[0])
 
 
 def run_all(args: argparse.Namespace) -> None:
@@ -175,17 +275,18 @@ def run_all(args: argparse.Namespace) -> None:
     workload = make_workload(args.num_requests, args.seed, args.prompt_len, args.new_tokens, vocab_size)
     logger.info("workload: %d requests, %d prompt tokens, %d output tokens", len(workload.prompts),
                 workload.num_prompt_tokens, workload.num_output_tokens)
-    results = []
-    if not args.skip_zeroserve:
-        results.append(guarded("zeroserve", lambda: run_zeroserve(folder, workload, args)))
-    model = load_hf_model(folder)
+    all_runs = []
+    for dtype in args.dtypes:
+        if not args.skip_zeroserve:
+            all_runs.append(guarded("zeroserve", dtype, lambda: run_zeroserve(folder, workload, dtype, args)))
+        if args.vllm_python:
+            all_runs.append(guarded("vLLM-CPU", dtype, lambda: run_vllm(args.vllm_python, folder, workload, dtype,
+                                                                         args)))  # fmt: skip
     if not args.skip_hf_static:
-        results.append(guarded("transformers static batch", lambda: run_hf_static(model, workload)))
-    if not args.skip_hf_cb:
-        results.append(guarded("transformers continuous batching", lambda: run_hf_cb(model, workload)))
-    add_agreement_notes(results)
-    num_params = sum(p.numel() for p in model.parameters())
-    print_results(results, compute_bound_line(matmul_flops_per_s(), num_params, workload))
+        all_runs.append(guarded("transformers static batch", "float32", lambda: run_transformers(folder, workload)))
+    add_agreement_notes(all_runs)
+    rates = {dtype: matmul_flops_per_s(getattr(torch, dtype)) for dtype in args.dtypes}
+    print_results(all_runs, bound_lines(workload_flops(folder, workload), workload, rates))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,22 +296,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prompt-len", type=int, nargs=2, default=[32, 256], metavar=("MIN", "MAX"))
     parser.add_argument("--new-tokens", type=int, nargs=2, default=[32, 128], metavar=("MIN", "MAX"))
+    parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
+    parser.add_argument("--repeats", type=int, default=3, help="repetitions per system and dtype")
+    parser.add_argument("--vllm-python", default=None, help="the python of a venv with vLLM's CPU build")
     parser.add_argument("--skip-zeroserve", action="store_true")
     parser.add_argument("--skip-hf-static", action="store_true")
-    parser.add_argument("--skip-hf-cb", action="store_true")
     parser.add_argument("--engine-arg", action="append", default=[],
                         help="extra `serve` option, repeatable: --engine-arg=--max-num-batched-tokens=4096")
     parser.add_argument("--engine-start-timeout", type=float, default=300.0, help="seconds")
-    parser.add_argument("--zeroserve-timeout", type=float, default=600.0, help="seconds for warm-up and run")
+    parser.add_argument("--zeroserve-timeout", type=float, default=600.0, help="seconds per repetition")
+    parser.add_argument("--vllm-timeout", type=float, default=1800.0, help="seconds for vLLM's start and runs")
     return parser
 
 
 def validate(args: argparse.Namespace) -> None:
-    if args.num_requests < 1:
-        raise ValueError(f"--num-requests must be at least 1, got {args.num_requests}")
+    if args.num_requests < 1 or args.repeats < 1:
+        raise ValueError("--num-requests and --repeats must be at least 1")
     for name, (low, high) in (("--prompt-len", args.prompt_len), ("--new-tokens", args.new_tokens)):
         if not 1 <= low <= high:
             raise ValueError(f"{name} needs 1 <= MIN <= MAX, got {low} {high}")
+    if args.vllm_python and not os.access(args.vllm_python, os.X_OK):
+        raise ValueError(f"--vllm-python {args.vllm_python} is not an executable")
 
 
 def main() -> None:
