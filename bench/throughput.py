@@ -159,7 +159,8 @@ def run_vllm(python: str, folder: str, workload: Workload, dtype: str, args: arg
             json.dump(job, file)
         logger.info("vLLM %s: starting %s", dtype, python)
         env = {**os.environ, **VLLM_ENV}
-        completed = subprocess.run([python, runner, job_path, result_path], env=env, cwd=scratch,
+        # -P: this folder must not lead sys.path there either (its http.py shadows the stdlib's).
+        completed = subprocess.run([python, "-P", runner, job_path, result_path], env=env, cwd=scratch,
                                    timeout=args.vllm_timeout, capture_output=True, text=True)  # fmt: skip
         if completed.returncode != 0:
             tail = completed.stderr.strip().splitlines()[-20:]

@@ -4,6 +4,9 @@ answers with a `WorkerReply`.
 An update is two-phase, so that under tensor parallelism no rank keeps weights another rank
 failed to load: `BeginWeights` checks and (for a path or a group) loads everything while the old
 values are kept; the core then sends `EndWeights`, commit when every rank succeeded, else roll back.
+
+Copies made from the parameters (the native forward's packed weights) are made again after a
+commit and after the weights wake, and dropped when they sleep.
 """
 
 import contextlib
@@ -11,6 +14,7 @@ import logging
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -35,6 +39,12 @@ from worker.weights import ModelWeights, PieceAssembler, Target, WeightError, We
 logger = logging.getLogger(__name__)
 
 
+class WeightCopies(Protocol):
+    def pack(self) -> None: ...
+
+    def release(self) -> None: ...
+
+
 @dataclass
 class OpenUpdate:
     op_id: int
@@ -43,8 +53,12 @@ class OpenUpdate:
 
 
 class WorkerCommands:
-    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, rank: int, device: torch.device) -> None:
+    def __init__(
+        self, model: torch.nn.Module, kv_cache: KVCache, rank: int, device: torch.device,
+        copies: WeightCopies | None = None,
+    ) -> None:  # fmt: skip
         self.rank = rank
+        self.copies = copies
         self.weights = ModelWeights(model)
         self.groups = WeightGroups(rank, device)
         self.memory = DeviceMemory(self.weights, kv_cache, device)
@@ -67,9 +81,14 @@ class WorkerCommands:
                 case DestroyWeightGroup(group_name=name):
                     self.groups.destroy(name)
                 case Sleep(level=level):
+                    if level >= 2 and self.copies is not None:
+                        self.copies.release()
                     self.memory.sleep(level)
                 case WakeUp(tags=tags):
+                    weights_slept = "weights" in self.memory.asleep
                     self.memory.wake(tags)
+                    if weights_slept and "weights" not in self.memory.asleep and self.copies is not None:
+                        self.copies.pack()
         except Exception as error:  # the command fails, the worker keeps serving
             logger.warning("%s failed: %s", type(command).__name__, error, exc_info=not isinstance(error, ValueError))
             return WorkerReply(command.op_id, self.rank, error=one_line(error))
@@ -117,6 +136,8 @@ class WorkerCommands:
         if command.commit:
             opened.update.commit()
             self.memory.written(opened.update.written)
+            if self.copies is not None and "weights" not in self.memory.asleep:
+                self.copies.pack()
             return WorkerReply(command.op_id, self.rank)
         return WorkerReply(command.op_id, self.rank, restored=opened.update.roll_back())
 

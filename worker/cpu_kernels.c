@@ -2,7 +2,7 @@
  *
  * Paged decode attention: one query token per sequence, K/V read from their blocks in place.
  *
- * Layouts (all fp32 / int64, contiguous):
+ * Layouts (all fp32, or all bf16, and int64; contiguous):
  *   q, out           [num_seqs, num_heads, head_dim]
  *   k_cache, v_cache [num_slots, num_kv_heads, head_dim], slot = block_id * block_size + offset
  *   block_tables     [num_seqs, max_blocks]
@@ -19,6 +19,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* glibc's libmvec has a vector expf. Declared `omp declare simd`, the softmax loop calls it a
  * vector at a time; the scalar expf took a third of the kernel's time on SmolLM2. The build
@@ -28,38 +29,27 @@
 float expf(float);
 #endif
 
-static inline float dot(const float *a, const float *b, int64_t n) {
-    float sum = 0.0f;
-    /* The simd reduction lets the compiler split the sum into vector lanes without -ffast-math. */
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < n; i++) sum += a[i] * b[i];
-    return sum;
+/* bf16 is the top half of an fp32: widening is a shift, narrowing rounds to nearest even (as
+ * torch's casts do; NaN stays NaN). */
+static inline float bf16_to_f32(uint16_t x) {
+    uint32_t bits = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
 }
 
-static inline void axpy(float *y, float a, const float *x, int64_t n) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
 }
 
-struct seq {
-    const int64_t *blocks; /* this sequence's row of block_tables */
-    int64_t len, num_heads, group, head_dim, row, block_size;
-};
-
-/* The cache row (all kv heads) of token t. */
-static inline const float *token_row(const float *cache, const struct seq *s, int64_t t) {
-    int64_t slot = s->blocks[t / s->block_size] * s->block_size + t % s->block_size;
-    return cache + slot * s->row;
-}
-
-/* p [num_heads, len]: the scaled scores of every query head against every key. */
-static void scores(float *p, const float *q, const float *k_cache, const struct seq *s, float scale) {
-    for (int64_t t = 0; t < s->len; t++) {
-        const float *k = token_row(k_cache, s, t);
-        for (int64_t h = 0; h < s->num_heads; h++)
-            p[h * s->len + t] = dot(q + h * s->head_dim, k + h / s->group * s->head_dim, s->head_dim) * scale;
-    }
-}
+static inline float load_f32(const float *p, int64_t i) { return p[i]; }
+static inline float load_bf16(const uint16_t *p, int64_t i) { return bf16_to_f32(p[i]); }
+static inline void store_f32(float *p, int64_t i, float v) { p[i] = v; }
+static inline void store_bf16(uint16_t *p, int64_t i, float v) { p[i] = f32_to_bf16(v); }
 
 /* In place: each row of p [rows, n] becomes its softmax. */
 static void softmax_rows(float *p, int64_t rows, int64_t n) {
@@ -78,47 +68,79 @@ static void softmax_rows(float *p, int64_t rows, int64_t n) {
     }
 }
 
-/* out [num_heads, head_dim] = probabilities p [num_heads, len] times the value rows. */
-static void weighted_values(float *out, const float *p, const float *v_cache, const struct seq *s) {
-    for (int64_t i = 0; i < s->num_heads * s->head_dim; i++) out[i] = 0.0f;
-    for (int64_t t = 0; t < s->len; t++) {
-        const float *v = token_row(v_cache, s, t);
-        for (int64_t h = 0; h < s->num_heads; h++)
-            axpy(out + h * s->head_dim, p[h * s->len + t], v + h / s->group * s->head_dim, s->head_dim);
-    }
+struct seq {
+    const int64_t *blocks; /* this sequence's row of block_tables */
+    int64_t len, num_heads, group, head_dim, row, block_size;
+};
+
+/* The cache slot of token t. */
+static inline int64_t token_slot(const struct seq *s, int64_t t) {
+    return s->blocks[t / s->block_size] * s->block_size + t % s->block_size;
 }
 
-/* Returns 0, or -1 when a score buffer could not be allocated (out is then incomplete). */
-int paged_decode_attention(const float *q, const float *k_cache, const float *v_cache, const int64_t *block_tables,
-                           const int64_t *context_lens, float *out, int64_t num_seqs, int64_t num_heads,
-                           int64_t num_kv_heads, int64_t head_dim, int64_t max_blocks, int64_t block_size,
-                           float scale, int num_threads) {
-    int64_t longest = 1;
-    for (int64_t i = 0; i < num_seqs; i++) longest = context_lens[i] > longest ? context_lens[i] : longest;
-    int failed = 0;
-    /* Contexts differ in length, so sequences are handed out one at a time. */
-#pragma omp parallel num_threads(num_threads) reduction(| : failed)
-    {
-        float *p = malloc(sizeof(float) * (size_t)(num_heads * longest));
-        failed = p == NULL;
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t i = 0; i < num_seqs; i++) {
-            if (failed) continue;
-            struct seq s = {block_tables + i * max_blocks, context_lens[i], num_heads, num_heads / num_kv_heads,
-                            head_dim, num_kv_heads * head_dim, block_size};
-            int64_t first = i * num_heads * head_dim;
-            scores(p, q + first, k_cache, &s, scale);
-            softmax_rows(p, num_heads, s.len);
-            weighted_values(out + first, p, v_cache, &s);
-        }
-        free(p);
+/* The decode kernel for cache element type T (float or uint16_t bf16), queries and outputs of
+ * the same type; every product and sum in fp32, the query widened once per sequence. */
+#define DECODE_KERNEL(NAME, T, LOAD, STORE)                                                                        \
+    static void NAME##_scores(float *p, const float *q, const T *k_cache, const struct seq *s, float scale) {   \
+        for (int64_t t = 0; t < s->len; t++) {                                                                   \
+            const T *k = k_cache + token_slot(s, t) * s->row;                                                    \
+            for (int64_t h = 0; h < s->num_heads; h++) {                                                         \
+                const float *qh = q + h * s->head_dim;                                                           \
+                const T *kh = k + h / s->group * s->head_dim;                                                    \
+                float sum = 0.0f;                                                                                \
+                _Pragma("omp simd reduction(+ : sum)") for (int64_t i = 0; i < s->head_dim; i++) sum +=           \
+                    qh[i] * LOAD(kh, i);                                                                         \
+                p[h * s->len + t] = sum * scale;                                                                 \
+            }                                                                                                    \
+        }                                                                                                        \
+    }                                                                                                            \
+    static void NAME##_values(float *acc, const float *p, const T *v_cache, const struct seq *s) {               \
+        for (int64_t i = 0; i < s->num_heads * s->head_dim; i++) acc[i] = 0.0f;                                  \
+        for (int64_t t = 0; t < s->len; t++) {                                                                   \
+            const T *v = v_cache + token_slot(s, t) * s->row;                                                    \
+            for (int64_t h = 0; h < s->num_heads; h++) {                                                         \
+                float weight = p[h * s->len + t], *out = acc + h * s->head_dim;                                  \
+                const T *vh = v + h / s->group * s->head_dim;                                                    \
+                _Pragma("omp simd") for (int64_t i = 0; i < s->head_dim; i++) out[i] += weight * LOAD(vh, i);    \
+            }                                                                                                    \
+        }                                                                                                        \
+    }                                                                                                            \
+    int NAME(const T *q, const T *k_cache, const T *v_cache, const int64_t *block_tables,                        \
+             const int64_t *context_lens, T *out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,      \
+             int64_t head_dim, int64_t max_blocks, int64_t block_size, float scale, int num_threads) {            \
+        int64_t longest = 1;                                                                                     \
+        for (int64_t i = 0; i < num_seqs; i++) longest = context_lens[i] > longest ? context_lens[i] : longest;  \
+        int64_t width = num_heads * head_dim;                                                                    \
+        int failed = 0;                                                                                          \
+        /* Contexts differ in length, so sequences are handed out one at a time. */                              \
+        _Pragma("omp parallel num_threads(num_threads) reduction(| : failed)") {                                 \
+            float *p = malloc(sizeof(float) * (size_t)(num_heads * longest + 2 * width));                        \
+            failed = p == NULL;                                                                                  \
+            _Pragma("omp for schedule(dynamic, 1)") for (int64_t i = 0; i < num_seqs; i++) {                     \
+                if (failed) continue;                                                                            \
+                struct seq s = {block_tables + i * max_blocks, context_lens[i], num_heads, num_heads / num_kv_heads, \
+                                head_dim, num_kv_heads * head_dim, block_size};                                  \
+                float *qf = p + num_heads * longest, *acc = qf + width;                                          \
+                for (int64_t j = 0; j < width; j++) qf[j] = LOAD(q + i * width, j);                              \
+                NAME##_scores(p, qf, k_cache, &s, scale);                                                        \
+                softmax_rows(p, num_heads, s.len);                                                               \
+                NAME##_values(acc, p, v_cache, &s);                                                              \
+                for (int64_t j = 0; j < width; j++) STORE(out + i * width, j, acc[j]);                           \
+            }                                                                                                    \
+            free(p);                                                                                             \
+        }                                                                                                        \
+        return failed ? -1 : 0;                                                                                  \
     }
-    return failed ? -1 : 0;
-}
 
-/* RMSNorm of `rows` contiguous rows of `hidden` floats: out = weight * (x / sqrt(mean(x^2) + eps)),
- * transformers' formula. torch runs it as six kernels that each allocate; at decode sizes the
- * launches cost more than the arithmetic. */
+/* Each returns 0, or -1 when a score buffer could not be allocated (out is then incomplete). */
+DECODE_KERNEL(paged_decode_attention, float, load_f32, store_f32)
+DECODE_KERNEL(paged_decode_attention_bf16, uint16_t, load_bf16, store_bf16)
+
+/* RMSNorm of `rows` contiguous rows of `hidden` elements: transformers' formula, the sum in fp32.
+ * In fp32 out = weight * (x / sqrt(mean(x^2) + eps)); in bf16 the normalised value is rounded to
+ * bf16 before the weight multiplies it, and the product rounded again, as transformers does. torch
+ * runs it as six kernels that each allocate; at decode sizes the launches cost more than the
+ * arithmetic. */
 void rms_norm(const float *x, const float *weight, float *out, int64_t rows, int64_t hidden, float eps,
               int num_threads) {
 #pragma omp parallel for num_threads(num_threads) if (rows * hidden >= 65536)
@@ -131,5 +153,23 @@ void rms_norm(const float *x, const float *weight, float *out, int64_t rows, int
         float inv = 1.0f / sqrtf(sum / (float)hidden + eps);
 #pragma omp simd
         for (int64_t i = 0; i < hidden; i++) dst[i] = weight[i] * (row[i] * inv);
+    }
+}
+
+void rms_norm_bf16(const uint16_t *x, const uint16_t *weight, uint16_t *out, int64_t rows, int64_t hidden, float eps,
+                   int num_threads) {
+#pragma omp parallel for num_threads(num_threads) if (rows * hidden >= 65536)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *row = x + r * hidden;
+        uint16_t *dst = out + r * hidden;
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < hidden; i++) sum += bf16_to_f32(row[i]) * bf16_to_f32(row[i]);
+        float inv = 1.0f / sqrtf(sum / (float)hidden + eps);
+#pragma omp simd
+        for (int64_t i = 0; i < hidden; i++) {
+            float normed = bf16_to_f32(f32_to_bf16(bf16_to_f32(row[i]) * inv));
+            dst[i] = f32_to_bf16(bf16_to_f32(weight[i]) * normed);
+        }
     }
 }

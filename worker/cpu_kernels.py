@@ -4,7 +4,8 @@ Plain C against raw data pointers compiles in about a second (torch's C++ header
 minute). The shared object is cached under `$ZEROSERVE_CACHE/kernels/`, named by a hash of its
 source, flags and CPU, so an edit or another machine's cache never loads a stale or foreign build.
 Without a compiler, or when the build fails, `load_paged_decode()` and `load_rms_norm()` warn
-once and return None, and their callers keep the torch path.
+once and return None, and their callers keep the torch path. Each kernel reads fp32 or bf16
+(all its tensors alike), computing in fp32.
 """
 
 import ctypes
@@ -37,11 +38,14 @@ _PAGED_DECODE_ARGTYPES = (
 )
 
 
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
 @dataclass(frozen=True)
 class PagedDecode:
-    """The loaded `paged_decode_attention` C function."""
+    """The loaded `paged_decode_attention` C functions, by dtype."""
 
-    fn: Callable[..., int]
+    fns: dict[torch.dtype, Callable[..., int]]
 
     def __call__(
         self,
@@ -58,7 +62,7 @@ class PagedDecode:
         k_cache, v_cache = kv_cache
         _check_inputs(q, k_cache, v_cache, block_tables, context_lens, out)
         num_seqs, num_heads, head_dim = q.shape
-        status = self.fn(
+        status = self.fns[q.dtype](
             q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
             block_tables.data_ptr(), context_lens.data_ptr(), out.data_ptr(),
             num_seqs, num_heads, k_cache.shape[1], head_dim, block_tables.shape[1], block_size,
@@ -69,14 +73,17 @@ class PagedDecode:
 
 
 def fits_kernel(*tensors: torch.Tensor) -> bool:
-    """The kernel reads raw fp32 rows: CPU, float32 and contiguous only."""
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+    """The kernels read raw rows: CPU, contiguous, all fp32 or all bf16."""
+    dtype = tensors[0].dtype
+    return dtype in KERNEL_DTYPES and all(
+        t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for t in tensors
+    )
 
 
 def _check_inputs(q, k_cache, v_cache, block_tables, context_lens, out) -> None:
     # The C side trusts every pointer and size: a wrong layout would read out of bounds, not fail.
     if not fits_kernel(q, k_cache, v_cache, out):
-        raise ValueError("paged_decode_attention needs contiguous fp32 CPU q, k_cache, v_cache and out")
+        raise ValueError("paged_decode_attention needs contiguous CPU q, k_cache, v_cache and out, all fp32 or bf16")
     if k_cache.shape != v_cache.shape or out.shape != q.shape or q.shape[2] != k_cache.shape[2]:
         raise ValueError(f"shapes disagree: q {q.shape}, k/v {k_cache.shape}/{v_cache.shape}, out {out.shape}")
     if q.shape[1] % k_cache.shape[1]:
@@ -88,43 +95,49 @@ def _check_inputs(q, k_cache, v_cache, block_tables, context_lens, out) -> None:
 
 @dataclass(frozen=True)
 class RMSNormKernel:
-    """The loaded `rms_norm` C function."""
+    """The loaded `rms_norm` C functions, by dtype."""
 
-    fn: Callable[..., None]
+    fns: dict[torch.dtype, Callable[..., None]]
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """transformers' RMSNorm of each row of `x` `[..., hidden]`."""
         if not fits_kernel(x, weight) or x.shape[-1:] != weight.shape:
-            raise ValueError(f"rms_norm needs contiguous fp32 CPU x [..., {weight.shape[0]}] and weight, got {x.shape}")
+            raise ValueError(f"rms_norm needs contiguous CPU x [..., {weight.shape[0]}] and weight of one dtype "
+                             f"(fp32 or bf16), got {x.shape} {x.dtype}")  # fmt: skip
         out = torch.empty_like(x)
         rows = x.numel() // weight.shape[0]
-        self.fn(x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, weight.shape[0], eps, torch.get_num_threads())
+        self.fns[x.dtype](x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, weight.shape[0], eps,
+                          torch.get_num_threads())  # fmt: skip
         return out
 
 
 @functools.cache
 def load_paged_decode() -> PagedDecode | None:
-    """The decode attention kernel, built on first use; None when it cannot be built."""
-    fn = _c_function("paged_decode_attention", _PAGED_DECODE_ARGTYPES, ctypes.c_int)
-    return None if fn is None else PagedDecode(fn)
+    """The decode attention kernels, built on first use; None when they cannot be built."""
+    fns = _c_functions("paged_decode_attention", _PAGED_DECODE_ARGTYPES, ctypes.c_int)
+    return None if fns is None else PagedDecode(fns)
 
 
 @functools.cache
 def load_rms_norm() -> RMSNormKernel | None:
-    """The RMSNorm kernel, built on first use; None when it cannot be built."""
-    fn = _c_function("rms_norm", _RMS_NORM_ARGTYPES, None)
-    return None if fn is None else RMSNormKernel(fn)
+    """The RMSNorm kernels, built on first use; None when they cannot be built."""
+    fns = _c_functions("rms_norm", _RMS_NORM_ARGTYPES, None)
+    return None if fns is None else RMSNormKernel(fns)
 
 
-def _c_function(name: str, argtypes: list, restype: type | None) -> Callable[..., object] | None:
-    """`name` from the kernels' library, with its C signature; None when the library cannot be built."""
+def _c_functions(name: str, argtypes: list, restype: type | None) -> dict[torch.dtype, Callable[..., object]] | None:
+    """`name` (fp32) and `name_bf16` from the kernels' library, with their C signature, by dtype;
+    None when the library cannot be built."""
     lib = _library()
     if lib is None:
         return None
-    fn = getattr(lib, name)
-    fn.argtypes = argtypes
-    fn.restype = restype
-    return fn
+    fns = {}
+    for dtype, symbol in ((torch.float32, name), (torch.bfloat16, f"{name}_bf16")):
+        fn = getattr(lib, symbol)
+        fn.argtypes = argtypes
+        fn.restype = restype
+        fns[dtype] = fn
+    return fns
 
 
 @functools.cache

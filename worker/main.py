@@ -68,7 +68,8 @@ def _start(
     max_len = max_model_len_for(config.max_model_len, model_config, num_blocks, config.block_size)
     # transformers shards the model for tensor parallelism; the native forward runs one rank.
     runner = ModelRunner(model, kv_cache, device, is_driver=rank == 0, native=tp_size == 1, interrupts=interrupts)
-    commands = WorkerCommands(model, kv_cache, rank, device)
+    packed = runner.native.packed if runner.native is not None else None
+    commands = WorkerCommands(model, kv_cache, rank, device, packed)
     return runner, commands, WorkerReady(rank=rank, num_kv_blocks=num_blocks, max_model_len=max_len)
 
 

@@ -41,6 +41,13 @@ def test_rms_norm_equals_transformers(rows, hidden):
     x = torch.randn(rows, hidden, generator=g) * 3
     ours = kernel(x, reference.weight.detach(), 1e-5)
     assert (ours - reference(x).detach()).abs().max().item() <= 1e-5
+    reference.to(torch.bfloat16)
+    x = x.bfloat16()
+    ours = kernel(x, reference.weight.detach(), 1e-5)
+    expected = reference(x).detach()
+    # Both round twice to bf16; a sum in another order may flip a last bit now and then.
+    assert ours.dtype == torch.bfloat16 and (ours.float() - expected.float()).abs().max().item() <= 0.02
+    assert (ours == expected).float().mean().item() > 0.99
 
 
 def random_tables(lens: list[int], generator: torch.Generator) -> torch.Tensor:
@@ -66,23 +73,25 @@ def sdpa_reference(q, k_cache, v_cache, tables, lens, scale) -> torch.Tensor:
     return torch.stack(out)
 
 
-def test_kernel_equals_sdpa(kernel):
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2**-7)])
+def test_kernel_equals_sdpa(kernel, dtype, tolerance):
     g = torch.Generator().manual_seed(0)
-    k_cache, v_cache = (torch.randn(NUM_BLOCKS * BLOCK, KV_HEADS, DIM, generator=g) for _ in range(2))
-    q = torch.randn(len(CONTEXT_LENS), HEADS, DIM, generator=g)
+    k_cache, v_cache = (torch.randn(NUM_BLOCKS * BLOCK, KV_HEADS, DIM, generator=g).to(dtype) for _ in range(2))
+    q = torch.randn(len(CONTEXT_LENS), HEADS, DIM, generator=g).to(dtype)
     tables = random_tables(CONTEXT_LENS, g)
     lens = torch.tensor(CONTEXT_LENS)
     out = torch.full_like(q, float("nan"))
     kernel(q, (k_cache, v_cache), tables, lens, BLOCK, 0.3, out)
+    # bf16: SDPA's own bf16 result, whose output is rounded to bf16 as the kernel's is (one ulp apart at most).
     expected = sdpa_reference(q, k_cache, v_cache, tables, CONTEXT_LENS, 0.3)
-    assert (out - expected).abs().max().item() <= 1e-5
+    assert (out.float() - expected.float()).abs().max().item() <= tolerance
 
 
 def test_kernel_refuses_wrong_layouts(kernel):
     q = torch.randn(1, HEADS, DIM)
     cache = torch.randn(BLOCK, KV_HEADS, DIM)
     tables, lens = torch.zeros(1, 1, dtype=torch.long), torch.tensor([1])
-    with pytest.raises(ValueError, match="contiguous fp32"):
+    with pytest.raises(ValueError, match="contiguous CPU q"):
         kernel(q.transpose(1, 2).contiguous().transpose(1, 2), (cache, cache), tables, lens, BLOCK, 1.0, q.clone())
     with pytest.raises(ValueError, match="int64"):
         kernel(q, (cache, cache), tables.int(), lens, BLOCK, 1.0, q.clone())

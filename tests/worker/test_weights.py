@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from protocol.weights import TensorSpec, bucket_layout, bucket_sizes
+from protocol.weights import BeginWeights, EndWeights, Sleep, TensorSpec, WakeUp, bucket_layout, bucket_sizes
 from worker.commands import WorkerCommands
 from worker.weight_files import file_tensors, read_tensors
 from worker.weights import ModelWeights, PieceAssembler, WeightError
@@ -32,14 +32,12 @@ def spec(name: str, tensor: torch.Tensor) -> TensorSpec:
 
 @pytest.mark.parametrize("native", [True, False], ids=["native", "transformers"])
 def test_writing_another_models_tensors_gives_its_tokens(llama_folder, other_folder, native):
+    """As the worker runs an update: its packed weights are made again on commit."""
     runner = make_runner(llama_folder, native=native)
-    weights = ModelWeights(runner.model)
-    new = load_file(Path(other_folder) / "model.safetensors")
-    targets = weights.targets([spec(n, t) for n, t in new.items()])
-    update = weights.begin(targets)
-    for target in targets:
-        update.write(target, new[target.spec.name])
-    update.commit()
+    copies = runner.native.packed if native else None
+    commands = WorkerCommands(runner.model, runner.kv_cache, 0, torch.device("cpu"), copies)
+    assert commands.handle(BeginWeights(1, path=other_folder)).error is None
+    assert commands.handle(EndWeights(2, 1, commit=True)).error is None
     want = {f"r{s}": reference_generate(other_folder, prompt(s, n), 5) for s, n in ((1, 7), (2, 12))}
     assert generate(runner) == want
 
@@ -120,9 +118,10 @@ def test_bad_files_fail_before_any_tensor_is_read(llama_folder, tmp_path):
 def test_sleep_frees_the_kv_cache_and_level_2_drops_the_weights_until_rewritten(llama_folder):
     runner = make_runner(llama_folder)
     before = generate(runner)
-    commands = WorkerCommands(runner.model, runner.kv_cache, 0, torch.device("cpu"))
+    commands = WorkerCommands(runner.model, runner.kv_cache, 0, torch.device("cpu"), runner.native.packed)
     saved = {n: p.detach().clone() for n, p in runner.model.named_parameters()}
-    commands.memory.sleep(2)
+    assert commands.handle(Sleep(1, 2)).error is None
+    assert all(p.packed is None for p in runner.native.packed.projections)
     assert all(k.untyped_storage().nbytes() == 0 for k in runner.kv_cache.keys)
     assert all(p.untyped_storage().nbytes() == 0 for p in runner.model.parameters())
     with pytest.raises(WeightError, match="dropped the weights on CPU"):
@@ -134,7 +133,7 @@ def test_sleep_frees_the_kv_cache_and_level_2_drops_the_weights_until_rewritten(
         update.write(target, saved[target.spec.name])
     update.commit()
     commands.memory.written(update.written)
-    commands.memory.wake(["weights", "kv_cache"])
-    assert commands.memory.asleep == set()
+    assert commands.handle(WakeUp(2, ["weights", "kv_cache"])).error is None
+    assert commands.memory.asleep == set() and all(p.packed is not None for p in runner.native.packed.projections)
     assert all(torch.count_nonzero(k) == 0 for k in runner.kv_cache.keys)
     assert generate(runner) == before

@@ -36,12 +36,13 @@ def make_runner(
     is_driver: bool = True,
     native: bool | None = None,
     device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> ModelRunner:
-    """fp32 on `device`. `native` defaults to what the worker does: the native forward on one rank only."""
+    """On `device` in `dtype`. `native` defaults to what the worker does: the native forward on one rank only."""
     device = torch.device(device)
-    model = load_model(folder, device, torch.float32, tp_size)
+    model = load_model(folder, device, dtype, tp_size)
     shape = kv_shape(model.config, tp_size)
-    kv_cache = allocate_kv_cache(num_blocks, BLOCK_SIZE, shape, torch.float32, device)
+    kv_cache = allocate_kv_cache(num_blocks, BLOCK_SIZE, shape, dtype, device)
     return ModelRunner(model, kv_cache, device, is_driver=is_driver, native=tp_size == 1 if native is None else native)
 
 
