@@ -36,7 +36,8 @@ class SampleRow:
 def sample(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     """`logits` `[S, V]` -> token ids `[S]`."""
     logits = adjusted_logits(logits, rows)
-    greedy = logits.argmax(dim=-1)
+    # The same ids (bf16 widens exactly); torch's bf16 argmax took 11 ms on [32, 49152], 1.7 via fp32.
+    greedy = logits.float().argmax(dim=-1)
     if all(row.params.is_greedy for row in rows):
         return greedy
     probs = _filtered_probs(logits.float(), [row.params for row in rows])
