@@ -1,11 +1,14 @@
 """The core's view of one request: its tokens, how far their KV is computed, its blocks."""
 
 import enum
+import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
 from protocol.messages import AddRequest, FinishReason, Logprobs, SamplingParams, WeightSpan
 from protocol.step import PromptLogprobs
+
+logger = logging.getLogger(__name__)
 
 
 class Status(enum.Enum):
@@ -98,10 +101,12 @@ class Request:
         have = self.prompt_logprobs
         if have is None or self.prompt_logprobs_sent:
             return
-        skip = 1 + len(have.token_logprobs) - found.start
-        if skip < 0:
-            expected = 1 + len(have.token_logprobs)
-            raise ValueError(f"prompt logprobs from token {found.start} came before token {expected}")
+        expected = 1 + len(have.token_logprobs)
+        skip = expected - found.start
+        if skip < 0:  # never sent so: a worker bug, which must not stop the core
+            logger.error("%s: prompt logprobs from token %d came before token %d", self.request_id, found.start,
+                         expected)  # fmt: skip
+            return
         have.token_logprobs += found.logprobs.token_logprobs[skip:]
         have.top_token_ids += found.logprobs.top_token_ids[skip:]
         have.top_logprobs += found.logprobs.top_logprobs[skip:]

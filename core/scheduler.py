@@ -90,7 +90,7 @@ class Scheduler:
             budget -= num_tokens
         # After a preemption nothing new starts this step: the freed blocks go to those running.
         preempted = self.num_preemptions > preemptions_before
-        computing = self._blocks_in_progress()
+        computing = self._blocks_in_progress() if admit_new and self.waiting else set()
         deferred: list[Request] = []
         while admit_new and not preempted and budget > 0 and self.waiting and len(self.running) < self.limits.max_num_seqs:
             request = self.waiting[0]
