@@ -141,35 +141,23 @@ DECODE_KERNEL(paged_decode_attention_bf16, uint16_t, load_bf16, store_bf16)
  * bf16 before the weight multiplies it, and the product rounded again, as transformers does. torch
  * runs it as six kernels that each allocate; at decode sizes the launches cost more than the
  * arithmetic. */
-void rms_norm(const float *x, const float *weight, float *out, int64_t rows, int64_t hidden, float eps,
-              int num_threads) {
-#pragma omp parallel for num_threads(num_threads) if (rows * hidden >= 65536)
-    for (int64_t r = 0; r < rows; r++) {
-        const float *row = x + r * hidden;
-        float *dst = out + r * hidden;
-        float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t i = 0; i < hidden; i++) sum += row[i] * row[i];
-        float inv = 1.0f / sqrtf(sum / (float)hidden + eps);
-#pragma omp simd
-        for (int64_t i = 0; i < hidden; i++) dst[i] = weight[i] * (row[i] * inv);
-    }
-}
+static inline float round_f32(float v) { return v; }
+static inline float round_bf16(float v) { return bf16_to_f32(f32_to_bf16(v)); }
 
-void rms_norm_bf16(const uint16_t *x, const uint16_t *weight, uint16_t *out, int64_t rows, int64_t hidden, float eps,
-                   int num_threads) {
-#pragma omp parallel for num_threads(num_threads) if (rows * hidden >= 65536)
-    for (int64_t r = 0; r < rows; r++) {
-        const uint16_t *row = x + r * hidden;
-        uint16_t *dst = out + r * hidden;
-        float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t i = 0; i < hidden; i++) sum += bf16_to_f32(row[i]) * bf16_to_f32(row[i]);
-        float inv = 1.0f / sqrtf(sum / (float)hidden + eps);
-#pragma omp simd
-        for (int64_t i = 0; i < hidden; i++) {
-            float normed = bf16_to_f32(f32_to_bf16(bf16_to_f32(row[i]) * inv));
-            dst[i] = f32_to_bf16(bf16_to_f32(weight[i]) * normed);
-        }
+#define RMS_NORM_KERNEL(NAME, T, LOAD, STORE, ROUND)                                                              \
+    void NAME(const T *x, const T *weight, T *out, int64_t rows, int64_t hidden, float eps, int num_threads) {   \
+        _Pragma("omp parallel for num_threads(num_threads) if (rows * hidden >= 65536)")                         \
+        for (int64_t r = 0; r < rows; r++) {                                                                     \
+            const T *row = x + r * hidden;                                                                       \
+            T *dst = out + r * hidden;                                                                           \
+            float sum = 0.0f;                                                                                    \
+            _Pragma("omp simd reduction(+ : sum)") for (int64_t i = 0; i < hidden; i++) sum +=                    \
+                LOAD(row, i) * LOAD(row, i);                                                                     \
+            float inv = 1.0f / sqrtf(sum / (float)hidden + eps);                                                 \
+            _Pragma("omp simd") for (int64_t i = 0; i < hidden; i++) STORE(dst, i,                               \
+                                                                     LOAD(weight, i) * ROUND(LOAD(row, i) * inv)); \
+        }                                                                                                        \
     }
-}
+
+RMS_NORM_KERNEL(rms_norm, float, load_f32, store_f32, round_f32)
+RMS_NORM_KERNEL(rms_norm_bf16, uint16_t, load_bf16, store_bf16, round_bf16)
