@@ -101,7 +101,7 @@ class Scheduler:
             if num_tokens == 0:
                 break
             scheduled.append((self.waiting.popleft(), num_tokens))
-            computing.update(request.block_hashes[request.num_blocks_cached :])
+            computing.update(_uncached_hashes(request))
             budget -= num_tokens
         self.waiting.extendleft(reversed(deferred))
         if not scheduled:
@@ -125,25 +125,26 @@ class Scheduler:
         """Hashes of the full blocks running requests know but have not computed (cached) yet."""
         computing: set[int] = set()
         for request in self.running:
-            computing.update(request.block_hashes[request.num_blocks_cached :])
+            computing.update(_uncached_hashes(request))
         return computing
 
     def _waits_for_shared_prefix(self, request: Request, computing: set[int]) -> bool:
         """A request whose prefix a running one is computing now starts once those blocks are
         cached, and reuses them: `n` samples of one prompt compute it once."""
-        if not computing or request.sampling.prompt_logprobs is not None:
-            return False
-        reusable = request.block_hashes[: (request.num_tokens - 1) // self.pool.block_size]
+        reusable = request.block_hashes[: self._num_reusable_blocks(request)]
         return any(block_hash in computing for block_hash in reusable)
+
+    def _num_reusable_blocks(self, request: Request) -> int:
+        """How many of a waiting request's first blocks it may take from the cache. The last
+        prompt token always runs: its logits give the first output token. Prompt logprobs need
+        every prompt token's logits: nothing cached is reused."""
+        if request.sampling.prompt_logprobs is not None and not request.prompt_logprobs_sent:
+            return 0
+        return (request.num_tokens - 1) // self.pool.block_size
 
     def _admit(self, request: Request, budget: int) -> int:
         """Start a waiting request from its longest cached prefix; 0 when blocks are short."""
-        # The last prompt token always runs: its logits give the first output token. Prompt
-        # logprobs need every prompt token's logits: nothing cached is reused.
-        max_hit_blocks = (request.num_tokens - 1) // self.pool.block_size
-        if request.sampling.prompt_logprobs is not None and not request.prompt_logprobs_sent:
-            max_hit_blocks = 0
-        hit = self.pool.lookup(request.block_hashes[:max_hit_blocks])
+        hit = self.pool.lookup(request.block_hashes[: self._num_reusable_blocks(request)])
         self.pool.take(hit.blocks)
         num_tokens = min(request.num_tokens - hit.num_tokens, budget)
         need = self.pool.blocks_for(hit.num_tokens + num_tokens) - len(hit.blocks)
@@ -346,3 +347,8 @@ class Scheduler:
         )
         request.new_token_ids, request.new_logprobs = [], None
         return request.client_index, output
+
+
+def _uncached_hashes(request: Request) -> list[int]:
+    """The hashes of a request's full blocks not computed (cached) yet."""
+    return request.block_hashes[request.num_blocks_cached :]
