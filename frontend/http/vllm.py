@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from frontend.http.app import ApiError, HttpContext, check_model
 from frontend.http.generation import GenerationRequest, TokenTexts, collect, spans_json, vllm_prompt_logprobs
 from frontend.http.sampling import VllmSampling, room
+from protocol.messages import EngineState
 from protocol.weights import VLLM_BUCKET_BYTES, VLLM_GROUP_NAME
 
 
@@ -131,9 +132,12 @@ def make_router(ctx: HttpContext) -> APIRouter:
     client = ctx.client
     texts = TokenTexts(ctx.tokenizer)
 
-    async def transfer_engine_ready() -> None:
-        if VLLM_GROUP_NAME not in (await client.get_state()).weight_groups:
+    async def transfer_engine_ready() -> EngineState:
+        """The engine's state, once the weight-transfer group is there (400 otherwise)."""
+        state = await client.get_state()
+        if VLLM_GROUP_NAME not in state.weight_groups:
             raise ApiError(400, "no weight transfer engine: call /init_weight_transfer_engine first")
+        return state
 
     @router.post("/inference/v1/generate")
     async def generate(body: GenerateRequest) -> JSONResponse:
@@ -245,8 +249,7 @@ def make_router(ctx: HttpContext) -> APIRouter:
         """Answers once the broadcast landed and every rank committed it. On a running engine the
         update is atomic: pause(keep), load, resume."""
         info = body.one_info()
-        await transfer_engine_ready()
-        running = (await client.get_state()).state == "running"
+        running = (await transfer_engine_ready()).state == "running"
         await client.update_weights(
             group=VLLM_GROUP_NAME, names=info.names, dtypes=info.dtype_names, shapes=info.shapes,
             packed=info.packed, bucket_bytes=info.packed_buffer_size_bytes, atomic=running,
