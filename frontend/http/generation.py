@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from frontend.client import AsyncClient, RequestOutput
-from frontend.tokenizer import Tokenizer
 from protocol.messages import Logprobs, WeightSpan
 
 
@@ -112,33 +111,3 @@ async def _run(client: AsyncClient, request: GenerationRequest, sample: Sample, 
 def spans_json(spans: list[WeightSpan]) -> list[dict[str, Any]]:
     """`weight_versions` as every dialect shows them: `[{version, start, end}]`."""
     return [{"version": s.version, "start": s.start, "end": s.end} for s in spans]
-
-
-def vllm_prompt_logprobs(sample: Sample, texts: "TokenTexts") -> list[dict[str, Any] | None] | None:
-    """vLLM's `prompt_logprobs`: None for the first prompt token, then per token `{id: {logprob,
-    rank, decoded_token}}` of the token itself and the top ones (rank None: not among them)."""
-    found = sample.prompt_logprobs
-    if found is None:
-        return None
-    entries: list[dict[str, Any] | None] = [None]
-    for token_id, logprob, ids, values in zip(sample.prompt_ids[1:], found.token_logprobs, found.top_token_ids,
-                                              found.top_logprobs):  # fmt: skip
-        entry = {str(t): {"logprob": v, "rank": rank, "decoded_token": texts(t)}
-                 for rank, (t, v) in enumerate(zip(ids, values), start=1)}  # fmt: skip
-        entry.setdefault(str(token_id), {"logprob": logprob, "rank": None, "decoded_token": texts(token_id)})
-        entries.append(entry)
-    return entries
-
-
-class TokenTexts:
-    """Each token's own text, as logprobs show it (cached: the same ids come again and again)."""
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self._tokenizer = tokenizer
-        self._texts: dict[int, str] = {}
-
-    def __call__(self, token_id: int) -> str:
-        text = self._texts.get(token_id)
-        if text is None:
-            text = self._texts[token_id] = self._tokenizer.hf.decode([token_id])
-        return text

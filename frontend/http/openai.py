@@ -19,16 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from frontend.http.app import ApiError, HttpContext, api_error, check_model, error_response
 from frontend.http.sampling import VllmSampling, room
-from frontend.http.generation import (
-    GenerationRequest,
-    Sample,
-    TokenTexts,
-    vllm_prompt_logprobs,
-    collect,
-    samples_of,
-    spans_json,
-    stream_outputs,
-)
+from frontend.http.generation import GenerationRequest, Sample, collect, samples_of, spans_json, stream_outputs
+from frontend.http.logprobs import TokenTexts, chat_logprobs, completion_logprobs, echoed_logprobs, vllm_prompt_logprobs
 
 Prompt = Union[str, list[str], list[int], list[list[int]]]
 
@@ -156,56 +148,6 @@ def _first_of_each_prompt(samples: list[Sample]) -> list[Sample]:
 
 def versions(sample: Sample) -> dict[str, Any]:
     return {"weight_version": sample.weight_version, "weight_versions": spans_json(sample.weight_versions)}
-
-
-def completion_logprobs(sample: Sample, start: int, texts: TokenTexts, as_ids: bool, offset: int) -> dict[str, Any]:
-    """OpenAI completions' logprobs of tokens `start:` of a sample (text offsets from `offset`)."""
-    name = (lambda t: f"token_id:{t}") if as_ids else texts
-    tokens, offsets, position = [], [], offset
-    for token_id in sample.token_ids[start : len(sample.token_logprobs)]:
-        tokens.append(name(token_id))
-        offsets.append(position)
-        position += len(texts(token_id))
-    tops = [
-        {name(t): lp for t, lp in zip(ids, lps)}
-        for ids, lps in zip(sample.top_ids[start:], sample.top_logprobs[start:])
-    ]
-    return {"tokens": tokens, "token_logprobs": sample.token_logprobs[start:], "top_logprobs": tops,
-            "text_offset": offsets}  # fmt: skip
-
-
-def echoed_logprobs(sample: Sample, texts: TokenTexts, as_ids: bool, offset: int) -> dict[str, Any]:
-    """Completions' logprobs with `echo`: the prompt's tokens first (the first has none, as in
-    OpenAI's and vLLM's), then the sample's from `offset` in the text."""
-    name = (lambda t: f"token_id:{t}") if as_ids else texts
-    found = sample.prompt_logprobs
-    generated = completion_logprobs(sample, 0, texts, as_ids, offset)
-    if found is None:  # the request ended before its prompt was computed
-        return generated
-    offsets, position = [], 0
-    for token_id in sample.prompt_ids:
-        offsets.append(position)
-        position += len(texts(token_id))
-    tops = [{name(t): lp for t, lp in zip(ids, lps)} for ids, lps in zip(found.top_token_ids, found.top_logprobs)]
-    return {"tokens": [name(t) for t in sample.prompt_ids] + generated["tokens"],
-            "token_logprobs": [None, *found.token_logprobs] + generated["token_logprobs"],
-            "top_logprobs": [None, *tops] + generated["top_logprobs"],
-            "text_offset": offsets + generated["text_offset"]}  # fmt: skip
-
-
-def chat_logprobs(sample: Sample, start: int, texts: TokenTexts, as_ids: bool) -> dict[str, Any]:
-    name = (lambda t: f"token_id:{t}") if as_ids else texts
-
-    def entry(token_id: int, logprob: float) -> dict[str, Any]:
-        text = name(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(texts(token_id).encode())}
-
-    content = []
-    for i in range(start, len(sample.token_logprobs)):
-        item = entry(sample.token_ids[i], sample.token_logprobs[i])
-        item["top_logprobs"] = [entry(t, lp) for t, lp in zip(sample.top_ids[i], sample.top_logprobs[i])]
-        content.append(item)
-    return {"content": content}
 
 
 def sse(data: Any) -> str:

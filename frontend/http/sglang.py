@@ -19,15 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from frontend.client import UtilityError
 from frontend.http.app import ApiError, HttpContext
-from frontend.http.generation import (
-    GenerationRequest,
-    Sample,
-    TokenTexts,
-    collect,
-    samples_of,
-    spans_json,
-    stream_outputs,
-)
+from frontend.http.generation import GenerationRequest, Sample, collect, samples_of, spans_json, stream_outputs
+from frontend.http.logprobs import TokenTexts
 from frontend.http.openai import sse, streaming
 from frontend.http.sampling import room
 from protocol.weights import DEFAULT_GROUP_NAME, tensor_specs

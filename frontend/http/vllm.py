@@ -16,7 +16,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from frontend.http.app import ApiError, HttpContext, check_model
-from frontend.http.generation import GenerationRequest, TokenTexts, collect, spans_json, vllm_prompt_logprobs
+from frontend.http.generation import GenerationRequest, collect, spans_json
+from frontend.http.logprobs import TokenTexts, vllm_prompt_logprobs
 from frontend.http.sampling import VllmSampling, room
 from protocol.messages import EngineState
 from protocol.weights import VLLM_BUCKET_BYTES, VLLM_GROUP_NAME
