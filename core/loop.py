@@ -18,8 +18,9 @@ import msgspec
 
 from core.io import OutputThread
 from core.pause import PauseState, Waiter
+from core.profile import StepProfiler
 from core.request import Request
-from core.scheduler import RoutedOutput, Scheduler
+from core.scheduler import RoutedOutput, ScheduledStep, Scheduler
 from core.sleep import SleepState
 from core.utility import error_result, run_utility
 from core.weights import WeightUpdates
@@ -74,6 +75,7 @@ class EngineLoop:
         self.next_fence_id = 0
         self.next_frontend_check = 0.0
         self.step_in_flight: int | None = None  # the id of the step the workers are running
+        self.profiler: StepProfiler | None = None  # between start_profile and stop_profile
         self.running = True
 
     def run(self) -> None:
@@ -81,20 +83,31 @@ class EngineLoop:
             self.handle_inputs(block=not self._can_step())
             self.check_peers()
             self.weights.poll()
+            started = time.perf_counter()
             step = self.scheduler.schedule(self.pause.admits_new, self.pause.runs_running)
             if step is None:
                 continue
-            self.workers.submit(step.plan)
-            result = self.await_result(step.plan.step_id)
-            if result.error:
-                logger.error("step %d failed on the workers: %s", result.step_id, result.error)
-                self.emit(self.scheduler.fail_step(step, result.error))
-            elif result.interrupted:
-                logger.debug("step %d interrupted: its tokens run again after the pause", result.step_id)
-            else:
-                self.emit(self.scheduler.update(step, result))
+            self.run_step(step, schedule_s=time.perf_counter() - started)
             self.settle_pause()
             self.weights.poll()  # an atomic update may wait for this step
+
+    def run_step(self, step: ScheduledStep, schedule_s: float) -> None:
+        """Run the plan on the workers and emit what it produced; timed while profiling."""
+        step.plan.profile = self.profiler is not None
+        submitted = time.perf_counter()
+        self.workers.submit(step.plan)
+        result = self.await_result(step.plan.step_id)
+        answered = time.perf_counter()
+        if result.error:
+            logger.error("step %d failed on the workers: %s", result.step_id, result.error)
+            self.emit(self.scheduler.fail_step(step, result.error))
+        elif result.interrupted:
+            logger.debug("step %d interrupted: its tokens run again after the pause", result.step_id)
+        else:
+            self.emit(self.scheduler.update(step, result))
+        if self.profiler is not None:
+            outputs_s = time.perf_counter() - answered
+            self.profiler.add(step.plan, result.seconds, schedule_s, answered - submitted, outputs_s)
 
     def await_result(self, step_id: int) -> StepResult:
         """Serve inputs until the step's result arrives. An abort received during the step wins

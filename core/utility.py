@@ -12,10 +12,20 @@ from typing import TYPE_CHECKING, Any, Callable
 import msgspec
 
 from core.pause import Waiter
+from core.profile import StepProfiler
 from core.weights import JoinedGroup
 from protocol.codec import decode_args
 from protocol.errors import UtilityError, error_kind
-from protocol.messages import AbortArgs, AbortResult, EngineState, NoArgs, PauseArgs, UtilityCall, UtilityResult
+from protocol.messages import (
+    AbortArgs,
+    AbortResult,
+    EngineState,
+    NoArgs,
+    PauseArgs,
+    StepProfile,
+    UtilityCall,
+    UtilityResult,
+)
 from protocol.weights import (
     DestroyWeightGroup,
     GroupNameArgs,
@@ -179,6 +189,20 @@ def is_sleeping(engine: "EngineLoop", args: NoArgs, call: UtilityCall) -> bool:
     return bool(engine.sleep.asleep)
 
 
+def start_profile(engine: "EngineLoop", args: NoArgs, call: UtilityCall) -> bool:
+    """Time every step's parts from now on (a running profile starts again)."""
+    engine.profiler = StepProfiler()
+    return True
+
+
+def stop_profile(engine: "EngineLoop", args: NoArgs, call: UtilityCall) -> StepProfile:
+    """The steps' times since `start_profile`, by kind and part; steps run untimed again."""
+    if engine.profiler is None:
+        raise UtilityError("no profile is running: start_profile first")
+    profile, engine.profiler = engine.profiler.summary(), None
+    return profile
+
+
 UTILITIES: dict[str, tuple[Handler, type]] = {
     "ping": (ping, NoArgs),
     "get_state": (get_state, NoArgs),
@@ -199,6 +223,8 @@ UTILITIES: dict[str, tuple[Handler, type]] = {
     "sleep": (sleep, SleepArgs),
     "wake_up": (wake_up, WakeUpArgs),
     "is_sleeping": (is_sleeping, NoArgs),
+    "start_profile": (start_profile, NoArgs),
+    "stop_profile": (stop_profile, NoArgs),
 }
 
 

@@ -42,6 +42,7 @@ from protocol.messages import (
     PauseArgs,
     RequestOutput,
     SamplingParams,
+    StepProfile,
     StreamError,
     StreamOutputs,
     validate_sampling,
@@ -202,6 +203,14 @@ class AsyncClient(WeightCalls):
     async def abort_all(self) -> AbortResult:
         return msgspec.convert(await self.call("abort_all"), AbortResult)
 
+    async def start_profile(self) -> None:
+        """Time the parts of every step from now on (`core.profile` names them)."""
+        await self.call("start_profile")
+
+    async def stop_profile(self) -> StepProfile:
+        """The steps' times since `start_profile`, by kind and part."""
+        return msgspec.convert(await self.call("stop_profile"), StepProfile)
+
     async def _receive(self) -> None:
         while self._sock is not None:
             frames = await self._sock.recv_multipart()
@@ -329,6 +338,12 @@ class Client(BlockingWeightCalls):
 
     def abort_all(self) -> AbortResult:
         return self._run(self._async.abort_all())
+
+    def start_profile(self) -> None:
+        self._run(self._async.start_profile())
+
+    def stop_profile(self) -> StepProfile:
+        return self._run(self._async.stop_profile())
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         if not self._thread.is_alive():

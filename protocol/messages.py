@@ -345,3 +345,20 @@ class EngineState(msgspec.Struct):
     prompt_tokens_total: int = 0  # since start: prompt tokens admitted, of them cached, generated
     cached_prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
+
+
+class StepKindProfile(msgspec.Struct):
+    """The steps of one kind between `start_profile` and `stop_profile`: how many, the tokens they
+    ran, and the seconds each part took, summed (the parts are named in `core.profile`)."""
+
+    num_steps: int = 0
+    num_tokens: int = 0
+    seconds: dict[str, float] = {}
+
+
+class StepProfile(msgspec.Struct):
+    """The answer of `stop_profile`: `steps` by kind ("decode": every request ran one token;
+    "prefill": some ran a prompt chunk), over `wall_s` seconds of profiling."""
+
+    wall_s: float
+    steps: dict[str, StepKindProfile] = {}

@@ -48,6 +48,7 @@ class StepPlan(msgspec.Struct, tag="step", array_like=True):
     new_requests: list[NewRequest] = []
     scheduled: list[ScheduledRequest] = []
     finished_ids: list[str] = []
+    profile: bool = False  # time the step's parts (`StepResult.seconds`)
 
 
 class PromptLogprobs(msgspec.Struct, array_like=True):
@@ -68,6 +69,7 @@ class StepResult(msgspec.Struct, tag="step_result", array_like=True):
     prompt_logprobs: dict[str, PromptLogprobs] = {}
     error: Optional[str] = None
     interrupted: bool = False  # abandoned on an `InterruptStep`: nothing computed, nothing sampled
+    seconds: dict[str, float] = {}  # the parts' times, when the plan asked (`worker.profile`)
 
 
 class WorkerReady(msgspec.Struct, tag="worker_ready", array_like=True):

@@ -13,11 +13,12 @@ import logging
 import torch
 
 from protocol.step import PromptLogprobs, StepPlan, StepResult
-from worker.attention import build_metadata
+from worker.attention import AttentionMetadata, build_metadata
 from worker.batch import BatchState, StepInputs
 from worker.interrupts import InterruptWatcher, StepInterrupted
 from worker.kv_cache import KVCache
 from worker.llama import NativeLlama, native_model
+from worker.profile import StepTimer
 from worker.sampler import SampleRow, compute_logprobs, logprobs_of, sample
 
 logger = logging.getLogger(__name__)
@@ -40,41 +41,52 @@ class ModelRunner:
         self.native: NativeLlama | None = native_model(model) if native else None
         self.kv_cache = kv_cache
         self.is_driver = is_driver
+        self.device = device
         self.batch = BatchState(kv_cache.block_size, device)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
-        self.batch.apply(plan)
-        if not plan.scheduled:
-            return StepResult(step_id=plan.step_id)
-        inputs = self.batch.build(plan.scheduled)
+        timer = StepTimer(plan.profile, self.device)
+        with timer.part("worker"):
+            result = self._execute(plan, timer)
+        result.seconds = timer.seconds
+        return result
+
+    def _execute(self, plan: StepPlan, timer: StepTimer) -> StepResult:
+        with timer.part("prepare"):
+            self.batch.apply(plan)
+            if not plan.scheduled:
+                return StepResult(step_id=plan.step_id)
+            inputs = self.batch.build(plan.scheduled)
+            meta = build_metadata(
+                self.kv_cache,
+                inputs.slot_mapping,
+                inputs.query_starts,
+                inputs.query_lens,
+                inputs.context_lens,
+                inputs.block_tables,
+            )
         try:
-            logits = self._forward(inputs, plan.step_id)
+            with timer.part("forward"):
+                logits = self._forward(inputs, meta, plan.step_id, timer)
         except StepInterrupted:
             # Nothing advances: the core schedules the same tokens again, and they are recomputed.
             return StepResult(step_id=plan.step_id, interrupted=True)
         self.batch.advance(plan.scheduled)
         if not self.is_driver or not (inputs.sample_ids or inputs.prompt_rows):
             return StepResult(step_id=plan.step_id)
-        num_samples = len(inputs.sample_ids)
-        result = self._sample(plan.step_id, inputs, logits[:num_samples])
-        result.prompt_logprobs = self._prompt_logprobs(inputs, logits[num_samples:])
+        with timer.part("sample"):
+            num_samples = len(inputs.sample_ids)
+            result = self._sample(plan.step_id, inputs, logits[:num_samples])
+            result.prompt_logprobs = self._prompt_logprobs(inputs, logits[num_samples:])
         return result
 
-    def _forward(self, inputs: StepInputs, step_id: int) -> torch.Tensor:
+    def _forward(self, inputs: StepInputs, meta: AttentionMetadata, step_id: int, timer: StepTimer) -> torch.Tensor:
         """Logits `[S + P, V]` of the sampling positions, then of the prompt-logprob rows."""
-        meta = build_metadata(
-            self.kv_cache,
-            inputs.slot_mapping,
-            inputs.query_starts,
-            inputs.query_lens,
-            inputs.context_lens,
-            inputs.block_tables,
-        )
         if self.native is not None:
             interrupts = self.interrupts
             stop = (lambda: interrupts.requested(step_id)) if interrupts is not None else None
-            return self.native.forward(inputs.input_ids, inputs.positions, meta, inputs.logit_indices, stop)
+            return self.native.forward(inputs.input_ids, inputs.positions, meta, inputs.logit_indices, stop, timer)
         output = self.model(
             input_ids=inputs.input_ids[None],
             position_ids=inputs.positions[None],

@@ -216,6 +216,17 @@ def make_router(ctx: HttpContext) -> APIRouter:
     async def is_sleeping() -> JSONResponse:
         return JSONResponse({"is_sleeping": await client.is_sleeping()})
 
+    @router.post("/start_profile")
+    async def start_profile() -> JSONResponse:
+        """vLLM's and SGLang's route (their options are ignored): ours times the steps' parts,
+        which `/stop_profile` answers; there is no torch trace."""
+        await client.start_profile()
+        return JSONResponse({})
+
+    @router.post("/stop_profile")
+    async def stop_profile() -> JSONResponse:
+        return JSONResponse(msgspec.to_builtins(await client.stop_profile()))
+
     @router.get("/get_world_size")
     async def get_world_size() -> JSONResponse:
         return JSONResponse({"world_size": (await client.get_state()).num_workers})

@@ -131,3 +131,27 @@ def test_blocking_client_streams_and_calls(engine):
         state = client.get_state()
     assert outputs[-1].num_output_tokens == 6
     assert state.num_free_blocks == state.num_total_blocks
+
+
+def test_profile_times_each_step_by_part(engine):
+    """One prefill step and four decode steps, each part timed: the top-level parts add up to the
+    step, the forward's parts to the forward. Steps after stop_profile are not counted."""
+    top = ["schedule", "send", "worker.prepare", "worker.forward", "worker.sample", "worker.other", "outputs"]
+    forward = ["forward.projections", "forward.attention", "forward.lm_head", "forward.other"]
+    with Client(engine.addresses[0]) as client:
+        with pytest.raises(UtilityError, match="no profile is running"):
+            client.stop_profile()
+        client.start_profile()
+        list(client.generate(token_ids=list(range(10, 30)), max_tokens=5, temperature=0.0, ignore_eos=True))
+        profile = client.stop_profile()
+        list(client.generate(prompt="Hi", max_tokens=3, temperature=0.0))
+        with pytest.raises(UtilityError, match="no profile is running"):
+            client.stop_profile()
+    assert (profile.steps["prefill"].num_steps, profile.steps["prefill"].num_tokens) == (1, 20)
+    assert (profile.steps["decode"].num_steps, profile.steps["decode"].num_tokens) == (4, 4)
+    for kind in profile.steps.values():
+        seconds = kind.seconds
+        assert all(seconds[part] > 0 for part in ["schedule", "worker.forward", *forward]), seconds
+        assert sum(seconds[part] for part in top) == pytest.approx(seconds["step"])
+        assert sum(seconds[part] for part in forward) == pytest.approx(seconds["worker.forward"])
+        assert seconds["step"] <= profile.wall_s

@@ -217,3 +217,14 @@ def test_the_python_client_connects_on_first_use(engine):
         assert len([t for o in client.generate(prompt="hi", max_tokens=3) for t in o.token_ids]) == 3
     finally:
         client.close()
+
+
+def test_profile_routes_answer_the_step_profile(engine):
+    with httpx.Client(base_url=engine.http_url, headers=AUTH, timeout=60) as http:
+        assert http.post("/start_profile", json={"activities": ["CPU"]}).json() == {}
+        zmq_greedy(engine, token_ids=list(range(50, 70)), max_tokens=3)  # a prompt no other test sends
+        profile = http.post("/stop_profile").json()
+        assert profile["steps"]["decode"]["num_steps"] == 2 and profile["steps"]["prefill"]["num_steps"] == 1
+        assert profile["steps"]["decode"]["seconds"]["forward.attention"] > 0
+        again = http.post("/stop_profile")
+    assert again.status_code == 400 and "start_profile first" in again.text
