@@ -2,7 +2,8 @@
 greedy workload, in fp32 and bf16, every system alone on the cores, one after another.
 
     python bench/throughput.py [--vllm-python /tmp/vllm-venv/bin/python] [--repeats 3]
-        [--dtypes float32 bfloat16] [--num-requests 32] [--seed 0] [--engine-arg=--block-size=32]
+        [--dtypes float32 bfloat16] [--num-requests 32] [--seed 0] [--max-num-batched-tokens 8192]
+        [--engine-arg=--block-size=32] [--profile]
 
 (from any folder; `python -m bench.throughput` from the repo root works too.) vLLM's venv comes
 from `shared/peers/vllm_cpu_setup.sh`; without `--vllm-python` its rows are left out.
@@ -12,6 +13,9 @@ random prompt token ids (ordinary vocabulary ids, 32-256 tokens), 32-128 new tok
 greedy, EOS ignored, so that each request generates exactly its own number of tokens. Each
 system runs the workload `--repeats` times after a short warm-up, its prefix cache reset before
 each repetition; the table shows the median repetition's figures and every repetition's tok/s.
+Both engines schedule at most `--max-num-batched-tokens` a step (default 8192, what vLLM's `LLM`
+takes on CPU when not told; `zeroserve serve` and vLLM's API server take 2048), so that their
+prefills interleave with decodes alike (ITL p99).
 
 * zeroserve: `python -m launch.cli serve --dtype D` with all its processes, driven through
   `AsyncClient`, every request submitted at once;
@@ -66,6 +70,7 @@ from bench.common import (  # noqa: E402
 )
 from bench.hf_baselines import load_hf_model, run_hf_static  # noqa: E402
 from frontend.client import AsyncClient  # noqa: E402
+from protocol.messages import StepKindProfile, StepProfile  # noqa: E402
 
 logger = logging.getLogger("bench")
 
@@ -74,11 +79,15 @@ SHORT_DTYPES = {"float32": "fp32", "bfloat16": "bf16"}
 MATMUL_SIZE = 2048
 MATMUL_REPEATS = 5
 MATMUL_ROUNDS = 4
+# What vLLM's `LLM` schedules per step on CPU by default (its API server: 2048, as `zeroserve serve`).
+VLLM_LLM_BATCHED_TOKENS = 8192
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "0-1", "HF_HUB_OFFLINE": "1",
             "VLLM_LOGGING_LEVEL": "WARNING"}  # fmt: skip
 COLUMNS = ["system", "dtype", "out tok/s", "every repetition tok/s", "TTFT p50 ms", "ITL p50 ms", "ITL p99 ms",
            "tok/s vs zs", "ITL99 vs zs", "start s", "note"]  # fmt: skip
 WIDTHS = [26, 5, 9, 24, 11, 10, 10, 11, 11, 7]
+PROFILE_PARTS = ["schedule", "send", "worker.prepare", "worker.forward", "forward.projections", "forward.attention",
+                 "forward.lm_head", "forward.other", "worker.sample", "worker.other", "outputs", "step"]  # fmt: skip
 
 
 @dataclass
@@ -91,12 +100,17 @@ class Runs:
     start_s: float | None = None
     error: str | None = None
     note: str = ""
+    profiles: list[StepProfile] = field(default_factory=list)  # one per repetition, with --profile
+
+    @property
+    def median_index(self) -> int:
+        """The repetition of median throughput (the lower middle one for an even count)."""
+        ordered = sorted(range(len(self.repetitions)), key=lambda i: self.repetitions[i].tokens_per_s)
+        return ordered[(len(ordered) - 1) // 2]
 
     @property
     def median(self) -> SystemResult:
-        """The repetition of median throughput (the lower middle one for an even count)."""
-        ordered = sorted(self.repetitions, key=lambda r: r.tokens_per_s)
-        return ordered[(len(ordered) - 1) // 2]
+        return self.repetitions[self.median_index]
 
 
 # ---- zeroserve ------------------------------------------------------------------------------
@@ -105,26 +119,34 @@ class Runs:
 def run_zeroserve(folder: str, workload: Workload, dtype: str, args: argparse.Namespace) -> Runs:
     runs = Runs("zeroserve", dtype)
     started = time.perf_counter()
-    options = ["--device", "cpu", "--dtype", dtype, *args.engine_arg]
+    options = ["--device", "cpu", "--dtype", dtype, f"--max-num-batched-tokens={args.max_num_batched_tokens}",
+               *args.engine_arg]  # fmt: skip
     with running_engine(folder, options, start_timeout_s=args.engine_start_timeout) as addresses:
         runs.start_s = time.perf_counter() - started
         for _ in range(args.repeats):
-            run = drive_zeroserve(addresses[0], workload)
-            runs.repetitions.append(asyncio.run(asyncio.wait_for(run, args.zeroserve_timeout)))
+            run = drive_zeroserve(addresses[0], workload, args.profile)
+            result, profile = asyncio.run(asyncio.wait_for(run, args.zeroserve_timeout))
+            runs.repetitions.append(result)
+            if profile is not None:
+                runs.profiles.append(profile)
     return runs
 
 
-async def drive_zeroserve(address: str, workload: Workload) -> SystemResult:
+async def drive_zeroserve(address: str, workload: Workload, profile: bool) -> tuple[SystemResult, StepProfile | None]:
+    """One repetition; with `profile`, the steps' profile of its requests (warm-up left out)."""
     async with AsyncClient(address) as client:
         await client.reset_prefix_cache()
         await stream_request(client, WARMUP_PROMPT, WARMUP_TOKENS)
+        if profile:
+            await client.start_profile()
         logger.info("zeroserve: submitting %d requests at once", len(workload.prompts))
         start = time.perf_counter()
         requests = zip(workload.prompts, workload.max_new_tokens)
         timings = await asyncio.gather(*(stream_request(client, p, n) for p, n in requests))
         elapsed = time.perf_counter() - start
+        steps = await client.stop_profile() if profile else None
     check_lengths("zeroserve", workload, timings)
-    return SystemResult("zeroserve", elapsed, timings)
+    return SystemResult("zeroserve", elapsed, timings), steps
 
 
 async def stream_request(client: AsyncClient, prompt: list[int], max_tokens: int) -> RequestTiming:
@@ -151,7 +173,7 @@ def run_vllm(python: str, folder: str, workload: Workload, dtype: str, args: arg
     runs = Runs("vLLM-CPU LLM.generate", dtype)
     job = {"model": folder, "dtype": dtype, "repeats": args.repeats, "prompts": workload.prompts,
            "max_new_tokens": workload.max_new_tokens, "warmup_prompt": WARMUP_PROMPT,
-           "warmup_tokens": WARMUP_TOKENS}  # fmt: skip
+           "warmup_tokens": WARMUP_TOKENS, "max_num_batched_tokens": args.max_num_batched_tokens}  # fmt: skip
     runner = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_runner.py")
     with tempfile.TemporaryDirectory() as scratch:
         job_path, result_path = os.path.join(scratch, "job.json"), os.path.join(scratch, "result.json")
@@ -255,6 +277,31 @@ def print_results(all_runs: list[Runs], lines: list[str]) -> None:
     print("ratios are system / zeroserve in the same dtype (ITL above 1x: slower than zeroserve)")
     for line in lines:
         print(line)
+    for runs in zeroserve.values():
+        if runs.profiles:
+            print_profile(runs)
+
+
+def print_profile(runs: Runs) -> None:
+    """Milliseconds per step by part, for each kind of step, of the median repetition."""
+    profile = runs.profiles[runs.median_index]
+    names = [name for name in ("decode", "prefill") if name in profile.steps]
+    kinds = [profile.steps[name] for name in names]
+    in_steps = sum(kind.seconds["step"] for kind in kinds)
+    print(f"\nzeroserve {SHORT_DTYPES[runs.dtype]} step profile (median repetition): {in_steps:.2f} s in steps "
+          f"of {profile.wall_s:.2f} s profiled")  # fmt: skip
+    columns = ["part", *(f"{name} {unit}" for name in names for unit in ("ms/step", "%")), ""]
+    rows = [["steps", *(cell for kind in kinds for cell in (str(kind.num_steps), "")), ""],
+            ["tokens/step", *(cell for kind in kinds for cell in (number(kind.num_tokens / kind.num_steps), "")), ""]]
+    for part in PROFILE_PARTS:
+        rows.append([part, *(cell for kind in kinds for cell in _part_cells(kind, part)), ""])
+    print_table(columns, [20] + [15, 5] * len(kinds), rows)
+
+
+def _part_cells(kind: StepKindProfile, part: str) -> tuple[str, str]:
+    """The part's milliseconds per step and its share of the steps' time."""
+    seconds = kind.seconds.get(part, 0.0)
+    return number(1000 * seconds / kind.num_steps, 2), number(100 * seconds / kind.seconds["step"])
 
 
 # ---- main -----------------------------------------------------------------------------------
@@ -302,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vllm-python", default=None, help="the python of a venv with vLLM's CPU build")
     parser.add_argument("--skip-zeroserve", action="store_true")
     parser.add_argument("--skip-hf-static", action="store_true")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print where zeroserve's steps spend their time (core.profile's parts)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=VLLM_LLM_BATCHED_TOKENS,
+                        help="tokens a step may schedule, both systems (default: vLLM's LLM default on CPU)")
     parser.add_argument("--engine-arg", action="append", default=[],
                         help="extra `serve` option, repeatable: --engine-arg=--max-num-batched-tokens=4096")
     parser.add_argument("--engine-start-timeout", type=float, default=300.0, help="seconds")
@@ -311,8 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def validate(args: argparse.Namespace) -> None:
-    if args.num_requests < 1 or args.repeats < 1:
-        raise ValueError("--num-requests and --repeats must be at least 1")
+    if args.num_requests < 1 or args.repeats < 1 or args.max_num_batched_tokens < 1:
+        raise ValueError("--num-requests, --repeats and --max-num-batched-tokens must be at least 1")
     for name, (low, high) in (("--prompt-len", args.prompt_len), ("--new-tokens", args.new_tokens)):
         if not 1 <= low <= high:
             raise ValueError(f"{name} needs 1 <= MIN <= MAX, got {low} {high}")

@@ -53,7 +53,7 @@ def main() -> None:
     started = time.perf_counter()
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=job["model"], dtype=job["dtype"], seed=0)
+    llm = LLM(model=job["model"], dtype=job["dtype"], seed=0, max_num_batched_tokens=job["max_num_batched_tokens"])
     timed_generate(llm, [job["warmup_prompt"]], [job["warmup_tokens"]], SamplingParams)
     start_s = time.perf_counter() - started
     logger.info("vLLM %s ready in %.1f s", job["dtype"], start_s)

@@ -20,6 +20,7 @@ else: tensor parallelism, other architectures and activations.
 
 import functools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,11 +30,13 @@ import torch.nn.functional as F
 from worker.attention import AttentionMetadata, attend
 from worker.cpu_kernels import RMSNormKernel, fits_kernel, load_rms_norm
 from worker.interrupts import StepInterrupted
+from worker.profile import DISABLED, StepTimer
 
 logger = logging.getLogger(__name__)
 
 MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 Rotary = tuple[torch.Tensor, torch.Tensor]  # cos, sin `[T, 1, head_dim / 2]`
+PROJECTIONS, ATTENTION = "forward.projections", "forward.attention"  # the `StepTimer` parts
 
 
 @dataclass
@@ -59,6 +62,11 @@ class RMSNorm:
 # The batch size oneDNN picks the packed layout for: decode batches. It served prefill's
 # thousands of rows as well as a layout for those did (SmolLM2's shapes, fp32 and bf16).
 PACK_BATCH_HINT = 32
+# From this many rows (prefill chunks) a bf16 projection runs as an fp32 GEMM on an fp32 copy of
+# its weight, where that is faster (`fp32_gemm_is_faster`). Below it the bf16 weights, half the
+# bytes to read, win: decode batches read every weight for a few rows.
+FP32_GEMM_ROWS = 128
+FP32_GEMM_MIN_SPEEDUP = 1.2
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -90,14 +98,45 @@ def _packing_works(dtype: torch.dtype) -> bool:
     return works
 
 
+@functools.cache
+def fp32_gemm_is_faster() -> bool:
+    """Whether this CPU multiplies bf16 matrices of prefill's size faster by widening them to fp32
+    (MKL's GEMM) than with oneDNN's bf16 kernels, by FP32_GEMM_MIN_SPEEDUP at least: 1.5x on an
+    AVX512-BF16 Xeon without AMX, whose bf16 dot products run at half the fp32 FMA rate; slower
+    where AMX is. The products are exact in fp32 either way and both sum in fp32, so the two
+    differ only in summation order. Timed once per process, best of a few rounds (about 0.1 s)."""
+    if not _packing_works(torch.bfloat16):
+        return False
+    x, weight = torch.randn(256, 576, dtype=torch.bfloat16), torch.randn(3072, 576, dtype=torch.bfloat16)
+    packed, wide = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT), weight.float()
+    bf16_s = _best_time(lambda: onednn_linear(x, packed, None))
+    fp32_s = _best_time(lambda: F.linear(x.float(), wide).to(torch.bfloat16))
+    faster = bf16_s >= FP32_GEMM_MIN_SPEEDUP * fp32_s
+    logger.info("bf16 GEMM %.2f ms, as fp32 %.2f ms: bf16 projections of %d rows or more run %s",
+                bf16_s * 1e3, fp32_s * 1e3, FP32_GEMM_ROWS, "as fp32" if faster else "in bf16")  # fmt: skip
+    return faster
+
+
+def _best_time(run: Callable[[], object], rounds: int = 5) -> float:
+    run()
+    best = float("inf")
+    for _ in range(rounds):
+        started = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
 @dataclass
 class Projection:
     """One linear layer over the rows of `weight` `[out, in]` (and `bias`); through `packed`, the
-    weight in oneDNN's layout, when it is there."""
+    weight in oneDNN's layout, when it is there; for calls of FP32_GEMM_ROWS rows or more,
+    through `fp32` (the weight and bias widened), when it is there."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
     packed: torch.Tensor | None = None
+    fp32: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     @classmethod
     def of(cls, module: torch.nn.Linear) -> "Projection":
@@ -122,28 +161,54 @@ class Projection:
         return cls(weight, bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp32 is not None and len(x) >= FP32_GEMM_ROWS:
+            return F.linear(x.float(), *self.fp32).to(x.dtype)
         if self.packed is not None:
             return onednn_linear(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
 
-    def pack(self) -> None:
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PACK_BATCH_HINT)
+    def pack(self, fp32: bool) -> None:
+        weight = self.weight.detach()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
+        if fp32:
+            self.fp32 = (weight.float(), None if self.bias is None else self.bias.detach().float())
+
+    def release(self) -> None:
+        self.packed = self.fp32 = None
 
 
 class PackedWeights:
-    """The packed copies of the projections' weights, a cache of the parameters: `pack()` makes
-    them (again, after the parameters changed); `release()` drops them (sleep), leaving F.linear."""
+    """The copies of the projections' weights made for speed, a cache of the parameters: packed
+    for oneDNN, and for bf16 prefill widened to fp32 where that is faster (the `prefill`
+    projections only: the LM head sees the sampling rows). `pack()` makes them (again, after the
+    parameters changed); `release()` drops them (sleep), leaving F.linear."""
 
-    def __init__(self, projections: list[Projection]) -> None:
+    def __init__(self, projections: list[Projection], prefill: list[Projection]) -> None:
         self.projections = [p for p in projections if can_pack(p.weight)]
+        self.prefill = {id(p) for p in prefill}
 
     def pack(self) -> None:
         for projection in self.projections:
-            projection.pack()
+            widen = id(projection) in self.prefill and projection.weight.dtype == torch.bfloat16
+            projection.pack(fp32=widen and fp32_gemm_is_faster())
 
     def release(self) -> None:
         for projection in self.projections:
-            projection.packed = None
+            projection.release()
+
+    def warm_up(self, max_rows: int) -> None:
+        """Call each shape of the layers' projections once for every row count up to `max_rows`
+        (decode batches): oneDNN builds a kernel for each new shape on its first call (about 1 ms
+        each, 30 layers share it). Not the LM head's, whose every call computes 10x longer than
+        that and whose warm-up took 3 s."""
+        started = time.perf_counter()
+        shapes = {(p.weight.shape, p.weight.dtype): p for p in self.projections if id(p) in self.prefill}
+        for (shape, dtype), projection in shapes.items():
+            rows = torch.zeros(min(max_rows, FP32_GEMM_ROWS - 1), shape[1], dtype=dtype)
+            for count in range(1, len(rows) + 1):
+                projection(rows[:count])
+        logger.info("warmed %d projection shapes for 1-%d rows in %.2f s", len(shapes), max_rows,
+                    time.perf_counter() - started)  # fmt: skip
 
 
 class DecoderLayer:
@@ -163,24 +228,30 @@ class DecoderLayer:
         self.num_kv_heads = attn.k_proj.weight.shape[0] // self.head_dim
         self.scaling = attn.scaling
 
-    def __call__(self, hidden: torch.Tensor, rotary: Rotary, meta: AttentionMetadata) -> torch.Tensor:
+    def __call__(self, hidden: torch.Tensor, rotary: Rotary, meta: AttentionMetadata, timer: StepTimer) -> torch.Tensor:
         """`hidden` `[T, hidden]` is updated in place (each sub-block adds to its residual)."""
-        hidden += self._attention(self.input_norm(hidden), rotary, meta)
-        hidden += self._mlp(self.post_attention_norm(hidden))
+        hidden += self._attention(self.input_norm(hidden), rotary, meta, timer)
+        hidden += self._mlp(self.post_attention_norm(hidden), timer)
         return hidden
 
-    def _attention(self, x: torch.Tensor, rotary: Rotary, meta: AttentionMetadata) -> torch.Tensor:
-        qkv = self.qkv(x).view(len(x), self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+    def _attention(self, x: torch.Tensor, rotary: Rotary, meta: AttentionMetadata, timer: StepTimer) -> torch.Tensor:
+        with timer.part(PROJECTIONS):
+            qkv = self.qkv(x).view(len(x), self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        out = attend(self.layer_idx, q, k, v, meta, self.scaling)
-        return self.o(out.view(len(x), -1))
+        with timer.part(ATTENTION):
+            out = attend(self.layer_idx, q, k, v, meta, self.scaling)
+        with timer.part(PROJECTIONS):
+            return self.o(out.view(len(x), -1))
 
-    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate, inplace=True).mul_(up))
+    def _mlp(self, x: torch.Tensor, timer: StepTimer) -> torch.Tensor:
+        with timer.part(PROJECTIONS):
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+        activated = F.silu(gate, inplace=True).mul_(up)
+        with timer.part(PROJECTIONS):
+            return self.down(activated)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -201,7 +272,7 @@ class NativeLlama:
         self.norm = RMSNorm.of(base.norm)
         self.lm_head = Projection.of(model.lm_head)
         projections = [p for layer in self.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-        self.packed = PackedWeights(projections + [self.lm_head])
+        self.packed = PackedWeights(projections + [self.lm_head], prefill=projections)
         self.packed.pack()
 
     def forward(
@@ -211,15 +282,19 @@ class NativeLlama:
         meta: AttentionMetadata,
         sample_indices: torch.Tensor,
         stop: Callable[[], bool] | None = None,
+        timer: StepTimer = DISABLED,
     ) -> torch.Tensor:
-        """Raises `StepInterrupted` when `stop()` turns true before a layer."""
+        """Raises `StepInterrupted` when `stop()` turns true before a layer. `timer` gets the
+        projections', attention's and LM head's times (the rest: norms, RoPE, activation)."""
         hidden = F.embedding(input_ids, self.embed_tokens)
         rotary = self._rotary(hidden, positions)
         for layer in self.layers:
             if stop is not None and stop():
                 raise StepInterrupted()
-            hidden = layer(hidden, rotary, meta)
-        return self.lm_head(self.norm(hidden[sample_indices]))
+            hidden = layer(hidden, rotary, meta, timer)
+        normed = self.norm(hidden[sample_indices])
+        with timer.part("forward.lm_head"):
+            return self.lm_head(normed)
 
     def _rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> Rotary:
         """cos and sin `[T, 1, D/2]`: transformers' `[.., D]` tables repeat their first half."""

@@ -69,6 +69,8 @@ def _start(
     # transformers shards the model for tensor parallelism; the native forward runs one rank.
     runner = ModelRunner(model, kv_cache, device, is_driver=rank == 0, native=tp_size == 1, interrupts=interrupts)
     packed = runner.native.packed if runner.native is not None else None
+    if packed is not None:
+        packed.warm_up(config.max_num_seqs)
     commands = WorkerCommands(model, kv_cache, rank, device, packed)
     return runner, commands, WorkerReady(rank=rank, num_kv_blocks=num_blocks, max_model_len=max_len)
 

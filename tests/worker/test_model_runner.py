@@ -50,11 +50,26 @@ def test_decodes_mixed_with_prefill_chunks(llama_folder, native):
 
 @pytest.mark.parametrize("native", [True, False], ids=["native", "transformers"])
 def test_bf16_greedy_equals_transformers_bf16_up_to_rounding_ties(llama_folder, native):
-    """Where our token differs from transformers' own bf16 forward, the two were tied within
-    bf16's rounding in transformers' logits (then the texts part, and the comparison ends)."""
     reqs = [Req(f"r{i}", prompt(30 + i, n), 12, chunk=5) for i, n in enumerate([3, 9, 17, 6])]
-    done = ToyCore(make_runner(llama_folder, native=native, dtype=torch.bfloat16)).run(reqs)
-    model = transformers.AutoModelForCausalLM.from_pretrained(llama_folder, dtype=torch.bfloat16).eval()
+    assert check_bf16_against_transformers(llama_folder, reqs, native) >= 24
+
+
+def test_bf16_prefill_through_the_fp32_gemm_equals_transformers_bf16_up_to_rounding_ties(llama_folder, monkeypatch):
+    """Chunks of FP32_GEMM_ROWS rows or more run the fp32 GEMM (forced here, whatever the CPU);
+    decodes the bf16 weights."""
+    monkeypatch.setattr(llama, "fp32_gemm_is_faster", lambda: True)
+    runner = make_runner(llama_folder, dtype=torch.bfloat16)
+    assert all(p.fp32 is not None for layer in runner.native.layers for p in (layer.qkv, layer.gate_up))
+    reqs = [Req(f"r{i}", prompt(40 + i, n), 6) for i, n in enumerate([llama.FP32_GEMM_ROWS, 150])]
+    assert check_bf16_against_transformers(llama_folder, reqs, runner=runner) >= 8
+
+
+def check_bf16_against_transformers(folder: str, reqs: list[Req], native: bool = True, runner=None) -> int:
+    """How many tokens agreed; where our token differs from transformers' own bf16 forward, the
+    two were tied within bf16's rounding in transformers' logits (then the texts part, and the
+    comparison of that request ends)."""
+    done = ToyCore(runner or make_runner(folder, native=native, dtype=torch.bfloat16)).run(reqs)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
     compared = 0
     for r in reqs:
         tokens = list(r.prompt)
@@ -68,7 +83,7 @@ def test_bf16_greedy_equals_transformers_bf16_up_to_rounding_ties(llama_folder, 
                 break
             compared += 1
             tokens.append(ours)
-    assert compared >= 24
+    return compared
 
 
 def test_prefix_shared_through_block_ids(llama_folder):
@@ -173,7 +188,7 @@ def test_projections_pack_for_onednn_on_cpu_and_fall_back_elsewhere(monkeypatch)
     projection = llama.Projection(weight, None)
     assert torch.equal(projection(x), F.linear(x, weight))  # not packed yet: F.linear
     if llama.can_pack(weight):
-        llama.PackedWeights([projection]).pack()
+        llama.PackedWeights([projection], prefill=[projection]).pack()
         assert projection.packed is not None
         assert torch.allclose(projection(x), F.linear(x, weight), atol=1e-5)
     assert not llama.can_pack(weight.half())
