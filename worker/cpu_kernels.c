@@ -51,6 +51,20 @@ static inline float load_bf16(const uint16_t *p, int64_t i) { return bf16_to_f32
 static inline void store_f32(float *p, int64_t i, float v) { p[i] = v; }
 static inline void store_bf16(uint16_t *p, int64_t i, float v) { p[i] = f32_to_bf16(v); }
 
+/* The n values at `row` as fp32: in place, or widened into `buf` (a dot product that widens as it
+ * loads vectorizes poorly: bf16 attention scores took twice fp32's time). */
+static inline const float *row_f32(float *buf, const float *row, int64_t n) {
+    (void)buf;
+    (void)n;
+    return row;
+}
+
+static inline const float *row_bf16(float *buf, const uint16_t *row, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) buf[i] = bf16_to_f32(row[i]);
+    return buf;
+}
+
 /* In place: each row of p [rows, n] becomes its softmax. */
 static void softmax_rows(float *p, int64_t rows, int64_t n) {
     for (int64_t h = 0; h < rows; h++) {
@@ -80,51 +94,52 @@ static inline int64_t token_slot(const struct seq *s, int64_t t) {
 
 /* The decode kernel for cache element type T (float or uint16_t bf16), queries and outputs of
  * the same type; every product and sum in fp32, the query widened once per sequence. */
-#define DECODE_KERNEL(NAME, T, LOAD, STORE)                                                                        \
-    static void NAME##_scores(float *p, const float *q, const T *k_cache, const struct seq *s, float scale) {   \
+#define DECODE_KERNEL(NAME, T, LOAD, STORE, WIDEN)                                                               \
+    static void NAME##_scores(float *p, const float *q, float *wide, const T *k_cache, const struct seq *s,      \
+                              float scale) {                                                                     \
         for (int64_t t = 0; t < s->len; t++) {                                                                   \
-            const T *k = k_cache + token_slot(s, t) * s->row;                                                    \
+            const float *row = WIDEN(wide, k_cache + token_slot(s, t) * s->row, s->row);                         \
             for (int64_t h = 0; h < s->num_heads; h++) {                                                         \
                 const float *qh = q + h * s->head_dim;                                                           \
-                const T *kh = k + h / s->group * s->head_dim;                                                    \
+                const float *kh = row + h / s->group * s->head_dim;                                              \
                 float sum = 0.0f;                                                                                \
-                _Pragma("omp simd reduction(+ : sum)") for (int64_t i = 0; i < s->head_dim; i++) sum +=           \
-                    qh[i] * LOAD(kh, i);                                                                         \
+                _Pragma("omp simd reduction(+ : sum)") for (int64_t i = 0; i < s->head_dim; i++) sum +=          \
+                    qh[i] * kh[i];                                                                               \
                 p[h * s->len + t] = sum * scale;                                                                 \
             }                                                                                                    \
         }                                                                                                        \
     }                                                                                                            \
-    static void NAME##_values(float *acc, const float *p, const T *v_cache, const struct seq *s) {               \
+    static void NAME##_values(float *acc, const float *p, float *wide, const T *v_cache, const struct seq *s) {  \
         for (int64_t i = 0; i < s->num_heads * s->head_dim; i++) acc[i] = 0.0f;                                  \
         for (int64_t t = 0; t < s->len; t++) {                                                                   \
-            const T *v = v_cache + token_slot(s, t) * s->row;                                                    \
+            const float *row = WIDEN(wide, v_cache + token_slot(s, t) * s->row, s->row);                         \
             for (int64_t h = 0; h < s->num_heads; h++) {                                                         \
                 float weight = p[h * s->len + t], *out = acc + h * s->head_dim;                                  \
-                const T *vh = v + h / s->group * s->head_dim;                                                    \
-                _Pragma("omp simd") for (int64_t i = 0; i < s->head_dim; i++) out[i] += weight * LOAD(vh, i);    \
+                const float *vh = row + h / s->group * s->head_dim;                                              \
+                _Pragma("omp simd") for (int64_t i = 0; i < s->head_dim; i++) out[i] += weight * vh[i];          \
             }                                                                                                    \
         }                                                                                                        \
     }                                                                                                            \
     int NAME(const T *q, const T *k_cache, const T *v_cache, const int64_t *block_tables,                        \
-             const int64_t *context_lens, T *out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,      \
-             int64_t head_dim, int64_t max_blocks, int64_t block_size, float scale, int num_threads) {            \
+             const int64_t *context_lens, T *out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,     \
+             int64_t head_dim, int64_t max_blocks, int64_t block_size, float scale, int num_threads) {           \
         int64_t longest = 1;                                                                                     \
         for (int64_t i = 0; i < num_seqs; i++) longest = context_lens[i] > longest ? context_lens[i] : longest;  \
-        int64_t width = num_heads * head_dim;                                                                    \
+        int64_t width = num_heads * head_dim, row = num_kv_heads * head_dim;                                     \
         int failed = 0;                                                                                          \
         /* Contexts differ in length, so sequences are handed out one at a time. */                              \
         _Pragma("omp parallel num_threads(num_threads) reduction(| : failed)") {                                 \
-            float *p = malloc(sizeof(float) * (size_t)(num_heads * longest + 2 * width));                        \
+            float *p = malloc(sizeof(float) * (size_t)(num_heads * longest + 2 * width + row));                  \
             failed = p == NULL;                                                                                  \
             _Pragma("omp for schedule(dynamic, 1)") for (int64_t i = 0; i < num_seqs; i++) {                     \
                 if (failed) continue;                                                                            \
                 struct seq s = {block_tables + i * max_blocks, context_lens[i], num_heads, num_heads / num_kv_heads, \
                                 head_dim, num_kv_heads * head_dim, block_size};                                  \
-                float *qf = p + num_heads * longest, *acc = qf + width;                                          \
+                float *qf = p + num_heads * longest, *acc = qf + width, *wide = acc + width;                     \
                 for (int64_t j = 0; j < width; j++) qf[j] = LOAD(q + i * width, j);                              \
-                NAME##_scores(p, qf, k_cache, &s, scale);                                                        \
+                NAME##_scores(p, qf, wide, k_cache, &s, scale);                                                  \
                 softmax_rows(p, num_heads, s.len);                                                               \
-                NAME##_values(acc, p, v_cache, &s);                                                              \
+                NAME##_values(acc, p, wide, v_cache, &s);                                                        \
                 for (int64_t j = 0; j < width; j++) STORE(out + i * width, j, acc[j]);                           \
             }                                                                                                    \
             free(p);                                                                                             \
@@ -133,8 +148,8 @@ static inline int64_t token_slot(const struct seq *s, int64_t t) {
     }
 
 /* Each returns 0, or -1 when a score buffer could not be allocated (out is then incomplete). */
-DECODE_KERNEL(paged_decode_attention, float, load_f32, store_f32)
-DECODE_KERNEL(paged_decode_attention_bf16, uint16_t, load_bf16, store_bf16)
+DECODE_KERNEL(paged_decode_attention, float, load_f32, store_f32, row_f32)
+DECODE_KERNEL(paged_decode_attention_bf16, uint16_t, load_bf16, store_bf16, row_bf16)
 
 /* RMSNorm of `rows` contiguous rows of `hidden` elements: transformers' formula, the sum in fp32.
  * In fp32 out = weight * (x / sqrt(mean(x^2) + eps)); in bf16 the normalised value is rounded to
@@ -144,14 +159,14 @@ DECODE_KERNEL(paged_decode_attention_bf16, uint16_t, load_bf16, store_bf16)
 static inline float round_f32(float v) { return v; }
 static inline float round_bf16(float v) { return bf16_to_f32(f32_to_bf16(v)); }
 
-#define RMS_NORM_KERNEL(NAME, T, LOAD, STORE, ROUND)                                                              \
+#define RMS_NORM_KERNEL(NAME, T, LOAD, STORE, ROUND)                                                             \
     void NAME(const T *x, const T *weight, T *out, int64_t rows, int64_t hidden, float eps, int num_threads) {   \
         _Pragma("omp parallel for num_threads(num_threads) if (rows * hidden >= 65536)")                         \
         for (int64_t r = 0; r < rows; r++) {                                                                     \
             const T *row = x + r * hidden;                                                                       \
             T *dst = out + r * hidden;                                                                           \
             float sum = 0.0f;                                                                                    \
-            _Pragma("omp simd reduction(+ : sum)") for (int64_t i = 0; i < hidden; i++) sum +=                    \
+            _Pragma("omp simd reduction(+ : sum)") for (int64_t i = 0; i < hidden; i++) sum +=                   \
                 LOAD(row, i) * LOAD(row, i);                                                                     \
             float inv = 1.0f / sqrtf(sum / (float)hidden + eps);                                                 \
             _Pragma("omp simd") for (int64_t i = 0; i < hidden; i++) STORE(dst, i,                               \
