@@ -58,7 +58,15 @@ def _memory(text: str) -> float:
         raise argparse.ArgumentTypeError(f"--kv-cache-memory takes bytes or a fraction, got {text!r}") from None
 
 
+# Device nodes of the GPU drivers torch.cuda can use (NVIDIA; AMD's ROCm; WSL's GPU).
+GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
+
+
 def detect_device() -> str:
+    """cuda when torch sees a GPU. Where no GPU driver is loaded torch cannot, and its import
+    (2 s of start-up on a small machine) is skipped."""
+    if not any(os.path.exists(node) for node in GPU_DEVICE_NODES):
+        return "cpu"
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -23,6 +23,7 @@ import zmq
 from launch.cli import config_from_args
 from protocol.codec import Decoder
 from protocol.config import API_KEY_ENV, METRICS_DIR_ENV, EngineConfig, ProcessReady, encode_config
+from protocol.models import ModelError, ready_folder
 from protocol.process import make_socket
 
 logger = logging.getLogger("zeroserve")
@@ -72,7 +73,16 @@ def listen_http(host: str, port: int) -> socket.socket:
 
 
 def resolve_model(model: str | None) -> str | None:
-    """The HF folder to serve (a GGUF file is converted once and cached), or None on failure."""
+    """The HF folder to serve (a GGUF file is converted once and cached), or None on failure.
+    Converting takes torch and transformers, so it runs in a python of its own; a folder, or a
+    GGUF file converted before, is found here (that python's imports took 3-4 s of start-up)."""
+    try:
+        folder = ready_folder(model)
+    except ModelError as error:
+        logger.error("%s", error)
+        return None
+    if folder is not None:
+        return folder
     command = [sys.executable, "-m", "worker.model_loader"] + (["--model", model] if model else [])
     result = subprocess.run(command, stdout=subprocess.PIPE, text=True)
     if result.returncode != 0:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from protocol.models import cache_root
+
 logger = logging.getLogger(__name__)
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.c")
@@ -159,7 +161,7 @@ def _built_library() -> str:
     with open(SOURCE, "rb") as f:
         source = f.read()
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS + _platform_flags()).encode(), compiler.encode(), _cpu_flags()]))
-    folder = os.path.join(_cache_root(), "kernels")
+    folder = os.path.join(cache_root(), "kernels")
     target = os.path.join(folder, f"cpu_kernels-{key.hexdigest()[:16]}.so")
     if os.path.exists(target):
         return target
@@ -200,8 +202,3 @@ def _cpu_flags() -> bytes:
             return next((line for line in f if line.startswith(b"flags")), b"")
     except OSError:
         return b""
-
-
-def _cache_root() -> str:
-    # Same rule as worker.model_loader.cache_root, which cannot be imported here (it imports attention).
-    return os.environ.get("ZEROSERVE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "zeroserve"))

