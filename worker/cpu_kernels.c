@@ -153,18 +153,25 @@ DECODE_KERNEL(paged_decode_attention_bf16, uint16_t, load_bf16, store_bf16, row_
 
 /* RMSNorm of `rows` contiguous rows of `hidden` elements: transformers' formula, the sum in fp32.
  * In fp32 out = weight * (x / sqrt(mean(x^2) + eps)); in bf16 the normalised value is rounded to
- * bf16 before the weight multiplies it, and the product rounded again, as transformers does. torch
- * runs it as six kernels that each allocate; at decode sizes the launches cost more than the
- * arithmetic. */
+ * bf16 before the weight multiplies it, and the product rounded again, as transformers does. With
+ * `delta` (else NULL), x += delta first, in place (the residual add before the norm, rounded to
+ * x's type as torch's add is). torch runs it as six kernels or more that each allocate; at decode
+ * sizes the launches cost more than the arithmetic. */
 static inline float round_f32(float v) { return v; }
 static inline float round_bf16(float v) { return bf16_to_f32(f32_to_bf16(v)); }
 
-#define RMS_NORM_KERNEL(NAME, T, LOAD, STORE, ROUND)                                                             \
-    void NAME(const T *x, const T *weight, T *out, int64_t rows, int64_t hidden, float eps, int num_threads) {   \
+#define RMS_NORM_KERNEL(NAME, T, LOAD, STORE, ROUND)                                                              \
+    void NAME(T *x, const T *delta, const T *weight, T *out, int64_t rows, int64_t hidden, float eps,            \
+              int num_threads) {                                                                                 \
         _Pragma("omp parallel for num_threads(num_threads) if (rows * hidden >= 65536)")                         \
         for (int64_t r = 0; r < rows; r++) {                                                                     \
-            const T *row = x + r * hidden;                                                                       \
+            T *row = x + r * hidden;                                                                             \
             T *dst = out + r * hidden;                                                                           \
+            if (delta != NULL) {                                                                                 \
+                const T *add = delta + r * hidden;                                                               \
+                _Pragma("omp simd") for (int64_t i = 0; i < hidden; i++) STORE(row, i,                           \
+                                                                         LOAD(row, i) + LOAD(add, i));           \
+            }                                                                                                    \
             float sum = 0.0f;                                                                                    \
             _Pragma("omp simd reduction(+ : sum)") for (int64_t i = 0; i < hidden; i++) sum +=                   \
                 LOAD(row, i) * LOAD(row, i);                                                                     \
@@ -176,3 +183,46 @@ static inline float round_bf16(float v) { return bf16_to_f32(f32_to_bf16(v)); }
 
 RMS_NORM_KERNEL(rms_norm, float, load_f32, store_f32, round_f32)
 RMS_NORM_KERNEL(rms_norm_bf16, uint16_t, load_bf16, store_bf16, round_bf16)
+
+/* RoPE in place on the first `heads` heads of each of `tokens` rows of x (rows `stride` elements
+ * apart, heads `head_dim` apart): transformers' x * cos + rotate_half(x) * sin, with cos and sin
+ * [tokens, head_dim / 2] (its tables repeat their first half). In bf16 each product and sum is
+ * rounded, as torch's ops round them. One pass over q and k where torch takes seven kernels each. */
+#define ROPE_KERNEL(NAME, T, LOAD, STORE, ROUND)                                                                  \
+    void NAME(T *x, const T *cos, const T *sin, int64_t tokens, int64_t heads, int64_t stride, int64_t head_dim, \
+              int num_threads) {                                                                                 \
+        int64_t half = head_dim / 2;                                                                             \
+        _Pragma("omp parallel for num_threads(num_threads) if (tokens * heads * head_dim >= 65536)")             \
+        for (int64_t t = 0; t < tokens; t++) {                                                                   \
+            const T *c = cos + t * half, *s = sin + t * half;                                                    \
+            for (int64_t h = 0; h < heads; h++) {                                                                \
+                T *v = x + t * stride + h * head_dim;                                                            \
+                _Pragma("omp simd") for (int64_t i = 0; i < half; i++) {                                         \
+                    float a = LOAD(v, i), b = LOAD(v, i + half), ci = LOAD(c, i), si = LOAD(s, i);               \
+                    STORE(v, i, ROUND(a * ci) - ROUND(b * si));                                                  \
+                    STORE(v, i + half, ROUND(b * ci) + ROUND(a * si));                                           \
+                }                                                                                                \
+            }                                                                                                    \
+        }                                                                                                        \
+    }
+
+ROPE_KERNEL(rope, float, load_f32, store_f32, round_f32)
+ROPE_KERNEL(rope_bf16, uint16_t, load_bf16, store_bf16, round_bf16)
+
+/* out [tokens, inter] = silu(gate) * up, gate and up the halves of each row of gate_up
+ * [tokens, 2 * inter]; in bf16 silu's value is rounded before the product, as torch's two ops do. */
+#define SILU_MUL_KERNEL(NAME, T, LOAD, STORE, ROUND)                                                              \
+    void NAME(const T *gate_up, T *out, int64_t tokens, int64_t inter, int num_threads) {                        \
+        _Pragma("omp parallel for num_threads(num_threads) if (tokens * inter >= 65536)")                        \
+        for (int64_t t = 0; t < tokens; t++) {                                                                   \
+            const T *gate = gate_up + t * 2 * inter, *up = gate + inter;                                         \
+            T *dst = out + t * inter;                                                                            \
+            _Pragma("omp simd") for (int64_t i = 0; i < inter; i++) {                                            \
+                float g = LOAD(gate, i);                                                                         \
+                STORE(dst, i, ROUND(g / (1.0f + expf(-g))) * LOAD(up, i));                                       \
+            }                                                                                                    \
+        }                                                                                                        \
+    }
+
+SILU_MUL_KERNEL(silu_mul, float, load_f32, store_f32, round_f32)
+SILU_MUL_KERNEL(silu_mul_bf16, uint16_t, load_bf16, store_bf16, round_bf16)

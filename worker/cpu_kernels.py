@@ -3,8 +3,8 @@
 Plain C against raw data pointers compiles in about a second (torch's C++ headers would take a
 minute). The shared object is cached under `$ZEROSERVE_CACHE/kernels/`, named by a hash of its
 source, flags and CPU, so an edit or another machine's cache never loads a stale or foreign build.
-Without a compiler, or when the build fails, `load_paged_decode()` and `load_rms_norm()` warn
-once and return None, and their callers keep the torch path. Each kernel reads fp32 or bf16
+Without a compiler, or when the build fails, each `load_*()` warns once and returns None, and
+its callers keep the torch path. Each kernel reads fp32 or bf16
 (all its tensors alike), computing in fp32.
 """
 
@@ -32,7 +32,9 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.c
 # reductions come from `omp simd` in the source instead.
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC")
 
-_RMS_NORM_ARGTYPES = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
+_RMS_NORM_ARGTYPES = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
+_ROPE_ARGTYPES = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int]
+_SILU_MUL_ARGTYPES = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
 _PAGED_DECODE_ARGTYPES = (
     [ctypes.c_void_p] * 6  # q, k_cache, v_cache, block_tables, context_lens, out
     + [ctypes.c_int64] * 6  # num_seqs, num_heads, num_kv_heads, head_dim, max_blocks, block_size
@@ -101,15 +103,56 @@ class RMSNormKernel:
 
     fns: dict[torch.dtype, Callable[..., None]]
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        """transformers' RMSNorm of each row of `x` `[..., hidden]`."""
-        if not fits_kernel(x, weight) or x.shape[-1:] != weight.shape:
-            raise ValueError(f"rms_norm needs contiguous CPU x [..., {weight.shape[0]}] and weight of one dtype "
-                             f"(fp32 or bf16), got {x.shape} {x.dtype}")  # fmt: skip
+    def __call__(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """transformers' RMSNorm of each row of `x` `[..., hidden]`; with `delta`, of x += delta
+        (x updated in place, the residual add before the norm)."""
+        operands = (x, weight) if delta is None else (x, weight, delta)
+        if not fits_kernel(*operands) or x.shape[-1:] != weight.shape or (delta is not None and delta.shape != x.shape):
+            raise ValueError(f"rms_norm needs contiguous CPU x [..., {weight.shape[0]}] (and delta alike) and weight "
+                             f"of one dtype (fp32 or bf16), got {x.shape} {x.dtype}")  # fmt: skip
         out = torch.empty_like(x)
         rows = x.numel() // weight.shape[0]
-        self.fns[x.dtype](x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, weight.shape[0], eps,
+        self.fns[x.dtype](x.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(),
+                          out.data_ptr(), rows, weight.shape[0], eps, torch.get_num_threads())  # fmt: skip
+        return out
+
+
+@dataclass(frozen=True)
+class RopeKernel:
+    """The loaded `rope` C functions, by dtype."""
+
+    fns: dict[torch.dtype, Callable[..., None]]
+
+    def __call__(self, x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """transformers' RoPE, in place, on heads `[0, heads)` of `x` `[T, H, D]` (its rows may be
+        strided: q and k inside the fused q/k/v output), with `cos`, `sin` `[T, D / 2]`."""
+        tokens, num_heads, head_dim = x.shape
+        rows_fit = x.device.type == "cpu" and x.stride()[1:] == (head_dim, 1) and heads <= num_heads
+        half = (tokens, head_dim // 2)
+        tables_fit = fits_kernel(cos, sin) and cos.dtype == x.dtype and cos.shape == sin.shape == half
+        if not (rows_fit and tables_fit):
+            raise ValueError(f"rope needs CPU x [T, H, D] with contiguous heads and contiguous cos, sin "
+                             f"[T, D/2] of its dtype, got x {x.shape} {x.stride()} {x.dtype}, "
+                             f"cos {cos.shape} {cos.dtype}")  # fmt: skip
+        self.fns[x.dtype](x.data_ptr(), cos.data_ptr(), sin.data_ptr(), tokens, heads, x.stride(0), head_dim,
                           torch.get_num_threads())  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SiluMulKernel:
+    """The loaded `silu_mul` C functions, by dtype."""
+
+    fns: dict[torch.dtype, Callable[..., None]]
+
+    def __call__(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up `[T, I]` of `gate_up` `[T, 2I]` (gate its first half), as transformers' MLP."""
+        if not fits_kernel(gate_up) or gate_up.dim() != 2 or gate_up.shape[1] % 2:
+            raise ValueError(f"silu_mul needs a contiguous CPU [T, 2I] fp32 or bf16 tensor, got {gate_up.shape}")
+        tokens, width = gate_up.shape
+        out = torch.empty(tokens, width // 2, dtype=gate_up.dtype)
+        self.fns[gate_up.dtype](gate_up.data_ptr(), out.data_ptr(), tokens, width // 2, torch.get_num_threads())
         return out
 
 
@@ -125,6 +168,18 @@ def load_rms_norm() -> RMSNormKernel | None:
     """The RMSNorm kernels, built on first use; None when they cannot be built."""
     fns = _c_functions("rms_norm", _RMS_NORM_ARGTYPES, None)
     return None if fns is None else RMSNormKernel(fns)
+
+
+@functools.cache
+def load_rope() -> RopeKernel | None:
+    fns = _c_functions("rope", _ROPE_ARGTYPES, None)
+    return None if fns is None else RopeKernel(fns)
+
+
+@functools.cache
+def load_silu_mul() -> SiluMulKernel | None:
+    fns = _c_functions("silu_mul", _SILU_MUL_ARGTYPES, None)
+    return None if fns is None else SiluMulKernel(fns)
 
 
 def _c_functions(name: str, argtypes: list, restype: type | None) -> dict[torch.dtype, Callable[..., object]] | None:

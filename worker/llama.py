@@ -2,20 +2,22 @@
 
 It runs on the HF model's own parameters, so loading, GGUF conversion and every later weight
 update stay transformers' business. Against `model(...)` it saves what is neither a matmul nor
-attention: per-module Python, and the elementwise kernels that allocate a new tensor each
-(rotate_half's cat, RMSNorm's casts, act(gate) * up). The MLP's activation runs in place on
-the gate/up output, the final norm and the LM head only see the rows that sample. On CPU the
-projections run through oneDNN over weights reordered once into the layout it prefers
-(`PackedWeights`: 1.2-2x faster than plain weights at decode batch sizes, fp32 and bf16); the
-packed copies are made again after every weight update and dropped while the weights sleep.
+attention: per-module Python, and the elementwise kernels that allocate a new tensor each. On
+CPU (fp32, bf16) the C kernels of `worker.cpu_kernels` fuse them: the residual add with the
+RMSNorm after it, RoPE on q and k in place, SiLU(gate) * up; elsewhere torch's ops do it, the
+activation in place on the gate/up output. The final norm and the LM head only see the rows that
+sample. On CPU the projections run through oneDNN over weights reordered once into the layout it
+prefers (`PackedWeights`: 1.2-2x faster than plain weights at decode batch sizes, fp32 and bf16);
+the packed copies are made again after every weight update and dropped while the weights sleep.
 
 Q/K/V and gate/up are fused into one projection each. The HF parameters are then re-pointed
 at row slices of the fused tensors, so memory is not doubled and an in-place weight update
 (`param.copy_`) reaches both forwards.
 
 Before each layer the forward asks `stop()`, so a pause can abandon the step in flight
-(`worker.interrupts`; on CUDA, where the host queues every layer at once, it rarely can). transformers' path (`model(..., attn_meta=meta)`) still serves everything
-else: tensor parallelism, other architectures and activations.
+(`worker.interrupts`; on CUDA, where the host queues every layer at once, it rarely can).
+transformers' path (`model(..., attn_meta=meta)`) still serves everything else: tensor
+parallelism, other architectures and activations.
 """
 
 import functools
@@ -28,14 +30,21 @@ import torch
 import torch.nn.functional as F
 
 from worker.attention import AttentionMetadata, attend
-from worker.cpu_kernels import RMSNormKernel, fits_kernel, load_rms_norm
+from worker.cpu_kernels import (
+    RMSNormKernel,
+    RopeKernel,
+    SiluMulKernel,
+    fits_kernel,
+    load_rms_norm,
+    load_rope,
+    load_silu_mul,
+)
 from worker.interrupts import StepInterrupted
 from worker.profile import DISABLED, StepTimer
 
 logger = logging.getLogger(__name__)
 
 MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
-Rotary = tuple[torch.Tensor, torch.Tensor]  # cos, sin `[T, 1, head_dim / 2]`
 PROJECTIONS, ATTENTION = "forward.projections", "forward.attention"  # the `StepTimer` parts
 
 
@@ -57,6 +66,33 @@ class RMSNorm:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # transformers rounds the normalised value to x's dtype before the weight multiplies it.
         return F.rms_norm(x, self.weight.shape, None, self.eps) * self.weight
+
+    def add_and_norm(self, hidden: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+        """The norm of `hidden += delta` (the residual add, in place; None adds nothing): one
+        pass in the kernel."""
+        if delta is None:
+            return self(hidden)
+        if self.kernel is not None and hidden.is_contiguous() and delta.is_contiguous():
+            return self.kernel(hidden, self.weight, self.eps, delta)
+        hidden += delta
+        return self(hidden)
+
+
+@dataclass
+class Rotary:
+    """One step's RoPE tables, cos and sin `[T, head_dim / 2]` (transformers' `[.., D]` tables
+    repeat their first half), and the C kernel where it serves their dtype."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    kernel: RopeKernel | None
+
+    def rotated(self, x: torch.Tensor) -> torch.Tensor:
+        """RoPE on `x` `[T, heads, D]`: in place by the kernel, else a new tensor."""
+        if self.kernel is not None:
+            self.kernel(x, x.shape[1], self.cos, self.sin)
+            return x
+        return apply_rotary(x, self.cos[:, None], self.sin[:, None])
 
 
 # The batch size oneDNN picks the packed layout for: decode batches. It served prefill's
@@ -227,20 +263,32 @@ class DecoderLayer:
         self.num_heads = attn.q_proj.weight.shape[0] // self.head_dim
         self.num_kv_heads = attn.k_proj.weight.shape[0] // self.head_dim
         self.scaling = attn.scaling
+        self.silu_mul: SiluMulKernel | None = load_silu_mul() if fits_kernel(self.gate_up.weight) else None
 
-    def __call__(self, hidden: torch.Tensor, rotary: Rotary, meta: AttentionMetadata, timer: StepTimer) -> torch.Tensor:
-        """`hidden` `[T, hidden]` is updated in place (each sub-block adds to its residual)."""
-        hidden += self._attention(self.input_norm(hidden), rotary, meta, timer)
-        hidden += self._mlp(self.post_attention_norm(hidden), timer)
-        return hidden
+    def __call__(
+        self,
+        hidden: torch.Tensor,
+        delta: torch.Tensor | None,
+        rotary: Rotary,
+        meta: AttentionMetadata,
+        timer: StepTimer,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream `hidden + delta` `[T, hidden]` (no delta before the first layer):
+        the layer adds each pending delta as it norms, in place, and returns the stream with its
+        MLP's output pending."""
+        x = self.input_norm.add_and_norm(hidden, delta)
+        x = self.post_attention_norm.add_and_norm(hidden, self._attention(x, rotary, meta, timer))
+        return hidden, self._mlp(x, timer)
 
     def _attention(self, x: torch.Tensor, rotary: Rotary, meta: AttentionMetadata, timer: StepTimer) -> torch.Tensor:
         with timer.part(PROJECTIONS):
             qkv = self.qkv(x).view(len(x), self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+            q, k = rotary.rotated(self.q_norm(q)), rotary.rotated(self.k_norm(k))
+        else:  # q and k in one pass, in place where the kernel serves
+            qk = rotary.rotated(qkv[:, : self.num_heads + self.num_kv_heads])
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         with timer.part(ATTENTION):
             out = attend(self.layer_idx, q, k, v, meta, self.scaling)
         with timer.part(PROJECTIONS):
@@ -248,8 +296,12 @@ class DecoderLayer:
 
     def _mlp(self, x: torch.Tensor, timer: StepTimer) -> torch.Tensor:
         with timer.part(PROJECTIONS):
-            gate, up = self.gate_up(x).chunk(2, dim=-1)
-        activated = F.silu(gate, inplace=True).mul_(up)
+            gate_up = self.gate_up(x)
+        if self.silu_mul is not None and gate_up.is_contiguous():
+            activated = self.silu_mul(gate_up)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            activated = F.silu(gate, inplace=True).mul_(up)
         with timer.part(PROJECTIONS):
             return self.down(activated)
 
@@ -288,19 +340,20 @@ class NativeLlama:
         projections', attention's and LM head's times (the rest: norms, RoPE, activation)."""
         hidden = F.embedding(input_ids, self.embed_tokens)
         rotary = self._rotary(hidden, positions)
+        delta = None
         for layer in self.layers:
             if stop is not None and stop():
                 raise StepInterrupted()
-            hidden = layer(hidden, rotary, meta, timer)
-        normed = self.norm(hidden[sample_indices])
+            hidden, delta = layer(hidden, delta, rotary, meta, timer)
+        normed = self.norm.add_and_norm(hidden[sample_indices], delta[sample_indices])
         with timer.part("forward.lm_head"):
             return self.lm_head(normed)
 
     def _rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> Rotary:
-        """cos and sin `[T, 1, D/2]`: transformers' `[.., D]` tables repeat their first half."""
         cos, sin = self.rotary_emb(hidden, positions[None])
         half = cos.shape[-1] // 2
-        return cos[0, :, None, :half], sin[0, :, None, :half]
+        cos, sin = cos[0, :, :half].contiguous(), sin[0, :, :half].contiguous()
+        return Rotary(cos, sin, load_rope() if fits_kernel(cos, sin) else None)
 
 
 def native_model(model: torch.nn.Module) -> NativeLlama | None:

@@ -50,6 +50,65 @@ def test_rms_norm_equals_transformers(rows, hidden):
     assert (ours == expected).float().mean().item() > 0.99
 
 
+def loaded(kernel):
+    if kernel is None:
+        pytest.skip("no C compiler: torch serves")
+    return kernel
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [3, 300])  # 300 x 576: several threads
+def test_residual_add_and_rms_norm_equal_torchs_add_then_transformers_norm(dtype, rows):
+    kernel = loaded(cpu_kernels.load_rms_norm())
+    g = torch.Generator().manual_seed(rows)
+    reference = LlamaRMSNorm(576, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        reference.weight.copy_(torch.randn(576, generator=g))
+    hidden, delta = (torch.randn(rows, 576, generator=g).to(dtype) * 3 for _ in range(2))
+    added = hidden + delta
+    ours = kernel(hidden, reference.weight.detach(), 1e-6, delta)
+    assert torch.equal(hidden, added)  # the add, in place, rounded as torch's
+    expected = reference(added).detach()
+    assert (ours.float() - expected.float()).abs().max().item() <= (1e-5 if dtype == torch.float32 else 0.05)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [2, 200])
+def test_rope_in_place_equals_transformers_rotation(dtype, tokens):
+    """On q and k inside a fused q/k/v row (strided rows), v untouched; bf16 rounds each product
+    and sum as torch's ops do, so it matches them exactly."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    kernel = loaded(cpu_kernels.load_rope())
+    g = torch.Generator().manual_seed(tokens)
+    qkv = torch.randn(tokens, HEADS + 2 * KV_HEADS, DIM, generator=g).to(dtype)
+    angles = torch.rand(tokens, DIM // 2, generator=g) * 50
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    full_cos, full_sin = torch.cat([cos, cos], -1)[None], torch.cat([sin, sin], -1)[None]  # [1, T, D]
+    q, k = qkv[None, :, :HEADS].transpose(1, 2), qkv[None, :, HEADS : HEADS + KV_HEADS].transpose(1, 2)
+    expected_q, expected_k = apply_rotary_pos_emb(q, k, full_cos, full_sin)
+    v = qkv[:, HEADS + KV_HEADS :].clone()
+    kernel(qkv, HEADS + KV_HEADS, cos, sin)
+    tolerance = 1e-5 if dtype == torch.float32 else 0.0
+    for ours, expected in ((qkv[:, :HEADS], expected_q), (qkv[:, HEADS : HEADS + KV_HEADS], expected_k)):
+        assert (ours.float() - expected[0].transpose(0, 1).float()).abs().max().item() <= tolerance
+    assert torch.equal(qkv[:, HEADS + KV_HEADS :], v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 100])
+def test_silu_mul_equals_torchs(dtype, tokens):
+    kernel = loaded(cpu_kernels.load_silu_mul())
+    gate_up = torch.randn(tokens, 2 * 1536, generator=torch.Generator().manual_seed(tokens)).to(dtype) * 4
+    gate, up = gate_up.chunk(2, dim=-1)
+    expected = F.silu(gate) * up
+    ours = kernel(gate_up)
+    # fp32: another expf; bf16: that may flip a rounding now and then.
+    assert (ours.float() - expected.float()).abs().max().item() <= (1e-4 if dtype == torch.float32 else 0.07)
+    if dtype == torch.bfloat16:
+        assert (ours == expected).float().mean().item() > 0.99
+
+
 def random_tables(lens: list[int], generator: torch.Generator) -> torch.Tensor:
     """Each sequence gets distinct, shuffled (non-sequential) block ids; rows padded with block 0."""
     needed = [-(-n // BLOCK) for n in lens]
