@@ -152,14 +152,18 @@ def attend(
 
 
 def _decode(q, out, k_cache, v_cache, meta: AttentionMetadata, scaling) -> None:
-    qd = q[meta.decode_tokens]  # [Nd, H, D]
+    only_decodes = not meta.prefills  # then the decode tokens are the batch, in order
+    qd = q if only_decodes else q[meta.decode_tokens]  # [Nd, H, D]
     if meta.decode_kernel is not None:
-        qd, od = qd.contiguous(), torch.empty_like(qd, memory_format=torch.contiguous_format)
+        qd = qd.contiguous()
+        od = out if only_decodes else torch.empty_like(qd, memory_format=torch.contiguous_format)
         scale = scaling if scaling is not None else qd.shape[-1] ** -0.5
         meta.decode_kernel(
             qd, (k_cache, v_cache), meta.decode_block_tables, meta.decode_context_lens,
             meta.kv_cache.block_size, scale, od,
         )  # fmt: skip
+        if only_decodes:
+            return
     else:
         kd, vd = (_gather(cache, meta.decode_slots).transpose(1, 2) for cache in (k_cache, v_cache))  # [Nd, Hkv, L, D]
         od = F.scaled_dot_product_attention(
