@@ -224,15 +224,18 @@ class Supervisor:
         return None
 
     def _stop_children(self) -> None:
-        """SIGTERM in reverse start order (frontends first), then SIGKILL what is left."""
-        for child in reversed(self.children):
-            if child.process.poll() is None:
+        """SIGTERM in reverse start order, the frontends first, and each group gone (or killed
+        after STOP_GRACE_S) before the next is asked: a frontend that saw the core go first
+        would log it as lost."""
+        for role in ("frontend", "core", "worker"):
+            group = [c for c in self.children if c.role.startswith(role) and c.process.poll() is None]
+            for child in group:
                 child.process.terminate()
-        deadline = time.monotonic() + STOP_GRACE_S
-        for child in self.children:
-            try:
-                child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                logger.warning("%s did not stop in %.0f s: killing it", child.role, STOP_GRACE_S)
-                child.process.kill()
-                child.process.wait()
+            deadline = time.monotonic() + STOP_GRACE_S
+            for child in group:
+                try:
+                    child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    logger.warning("%s did not stop in %.0f s: killing it", child.role, STOP_GRACE_S)
+                    child.process.kill()
+                    child.process.wait()

@@ -138,9 +138,10 @@ def _packing_works(dtype: torch.dtype) -> bool:
 def fp32_gemm_is_faster() -> bool:
     """Whether this CPU multiplies bf16 matrices of prefill's size faster by widening them to fp32
     (MKL's GEMM) than with oneDNN's bf16 kernels, by FP32_GEMM_MIN_SPEEDUP at least: 1.5x on an
-    AVX512-BF16 Xeon without AMX, whose bf16 dot products run at half the fp32 FMA rate; slower
-    where AMX is. The products are exact in fp32 either way and both sum in fp32, so the two
-    differ only in summation order. Timed once per process, best of a few rounds (about 0.1 s)."""
+    AVX512-BF16 Xeon without AMX, whose bf16 dot products run at half the fp32 FMA rate (a CPU
+    with AMX, whose bf16 tiles should win, keeps bf16 when the probe says so: not measured here).
+    The products are exact in fp32 either way and both sum in fp32, so the two differ only in
+    summation order. Timed once per process, best of a few rounds (about 0.1 s)."""
     if not _packing_works(torch.bfloat16):
         return False
     x, weight = torch.randn(256, 576, dtype=torch.bfloat16), torch.randn(3072, 576, dtype=torch.bfloat16)
@@ -216,7 +217,7 @@ class Projection:
 class PackedWeights:
     """The copies of the projections' weights made for speed, a cache of the parameters: packed
     for oneDNN, and for bf16 prefill widened to fp32 where that is faster (the `prefill`
-    projections only: the LM head sees the sampling rows). `pack()` makes them (again, after the
+    projections only, the LM head sees the sampling rows: twice the bf16 weights' bytes more). `pack()` makes them (again, after the
     parameters changed); `release()` drops them (sleep), leaving F.linear."""
 
     def __init__(self, projections: list[Projection], prefill: list[Projection]) -> None:
