@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-num-batched-tokens", type=int, default=VLLM_LLM_BATCHED_TOKENS,
                         help="tokens a step may schedule, both systems (default: vLLM's LLM default on CPU)")
     parser.add_argument("--engine-arg", action="append", default=[],
-                        help="extra `serve` option, repeatable: --engine-arg=--max-num-batched-tokens=4096")
+                        help="extra `serve` option, repeatable: --engine-arg=--block-size=32")
     parser.add_argument("--engine-start-timeout", type=float, default=300.0, help="seconds")
     parser.add_argument("--zeroserve-timeout", type=float, default=600.0, help="seconds per repetition")
     parser.add_argument("--vllm-timeout", type=float, default=1800.0, help="seconds for vLLM's start and runs")

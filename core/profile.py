@@ -34,7 +34,7 @@ class StepProfiler:
     ) -> None:
         """One step: the core's `schedule`, `wait` (submit to result) and `outputs` seconds, and
         the parts the worker timed."""
-        kind = self.kinds.setdefault(step_kind(plan), StepKindProfile(seconds={}))
+        kind = self.kinds.setdefault(step_kind(plan), StepKindProfile())
         kind.num_steps += 1
         kind.num_tokens += sum(s.num_scheduled_tokens for s in plan.scheduled)
         worker = worker_seconds.get("worker", 0.0)
@@ -51,10 +51,9 @@ def _worker_parts(seconds: dict[str, float]) -> dict[str, float]:
     """The worker's parts, each top-level one less its named children, as `worker.<part>`."""
     if "worker" not in seconds:
         return {}
-    forward = seconds.get("forward", 0.0)
-    children = [name for name in seconds if name.startswith("forward.")]
     parts = {f"worker.{name}": seconds.get(name, 0.0) for name in ("prepare", "forward", "sample")}
-    parts.update({name: seconds[name] for name in children})
-    parts["forward.other"] = forward - sum(seconds[name] for name in children)
-    parts["worker.other"] = seconds["worker"] - sum(seconds.get(name, 0.0) for name in ("prepare", "forward", "sample"))
+    parts["worker.other"] = seconds["worker"] - sum(parts.values())
+    forward = {name: value for name, value in seconds.items() if name.startswith("forward.")}
+    parts.update(forward)
+    parts["forward.other"] = parts["worker.forward"] - sum(forward.values())
     return parts

@@ -162,14 +162,13 @@ def _decode(q, out, k_cache, v_cache, meta: AttentionMetadata, scaling) -> None:
             qd, (k_cache, v_cache), meta.decode_block_tables, meta.decode_context_lens,
             meta.kv_cache.block_size, scale, od,
         )  # fmt: skip
-        if only_decodes:
-            return
     else:
         kd, vd = (_gather(cache, meta.decode_slots).transpose(1, 2) for cache in (k_cache, v_cache))  # [Nd, Hkv, L, D]
         od = F.scaled_dot_product_attention(
             qd[:, :, None, :], kd, vd, attn_mask=meta.decode_mask, scale=scaling, enable_gqa=True
         )[:, :, 0, :]
-    out.index_copy_(0, meta.decode_tokens, od)
+    if od is not out:
+        out.index_copy_(0, meta.decode_tokens, od)
 
 
 def _prefill(q, out, new_kv, cache_kv, chunk: PrefillChunk, scaling) -> None:

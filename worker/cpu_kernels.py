@@ -4,8 +4,8 @@ Plain C against raw data pointers compiles in about a second (torch's C++ header
 minute). The shared object is cached under `$ZEROSERVE_CACHE/kernels/`, named by a hash of its
 source, flags and CPU, so an edit or another machine's cache never loads a stale or foreign build.
 Without a compiler, or when the build fails, each `load_*()` warns once and returns None, and
-its callers keep the torch path. Each kernel reads fp32 or bf16
-(all its tensors alike), computing in fp32.
+its callers keep the torch path. Each kernel reads fp32 or bf16 (all its tensors alike),
+computing in fp32.
 """
 
 import ctypes

@@ -217,8 +217,9 @@ class Projection:
 class PackedWeights:
     """The copies of the projections' weights made for speed, a cache of the parameters: packed
     for oneDNN, and for bf16 prefill widened to fp32 where that is faster (the `prefill`
-    projections only, the LM head sees the sampling rows: twice the bf16 weights' bytes more). `pack()` makes them (again, after the
-    parameters changed); `release()` drops them (sleep), leaving F.linear."""
+    projections only, the LM head sees the sampling rows: twice the bf16 weights' bytes more).
+    `pack()` makes them (again, after the parameters changed); `release()` drops them (sleep),
+    leaving F.linear."""
 
     def __init__(self, projections: list[Projection], prefill: list[Projection]) -> None:
         self.projections = [p for p in projections if can_pack(p.weight)]
@@ -273,13 +274,13 @@ class DecoderLayer:
         rotary: Rotary,
         meta: AttentionMetadata,
         timer: StepTimer,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The residual stream `hidden + delta` `[T, hidden]` (no delta before the first layer):
-        the layer adds each pending delta as it norms, in place, and returns the stream with its
-        MLP's output pending."""
+    ) -> torch.Tensor:
+        """The residual stream is `hidden + delta` `[T, hidden]` (no delta before the first
+        layer): the layer adds each pending delta into `hidden` as it norms, and returns its
+        MLP's output, the next pending delta."""
         x = self.input_norm.add_and_norm(hidden, delta)
         x = self.post_attention_norm.add_and_norm(hidden, self._attention(x, rotary, meta, timer))
-        return hidden, self._mlp(x, timer)
+        return self._mlp(x, timer)
 
     def _attention(self, x: torch.Tensor, rotary: Rotary, meta: AttentionMetadata, timer: StepTimer) -> torch.Tensor:
         with timer.part(PROJECTIONS):
@@ -345,7 +346,7 @@ class NativeLlama:
         for layer in self.layers:
             if stop is not None and stop():
                 raise StepInterrupted()
-            hidden, delta = layer(hidden, delta, rotary, meta, timer)
+            delta = layer(hidden, delta, rotary, meta, timer)
         normed = self.norm.add_and_norm(hidden[sample_indices], delta[sample_indices])
         with timer.part("forward.lm_head"):
             return self.lm_head(normed)

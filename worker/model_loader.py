@@ -16,7 +16,7 @@ import tempfile
 import torch
 import transformers
 
-from protocol.models import ModelError, cache_root, converted_folder, model_path
+from protocol.models import ModelError, converted_folder, model_path
 from worker.attention import ATTENTION_NAME, register_attention
 
 logger = logging.getLogger(__name__)
@@ -34,10 +34,10 @@ def resolve_model(path: str | None) -> str:
     target = converted_folder(path)
     if os.path.isdir(target):
         return target
-    os.makedirs(cache_root(), exist_ok=True)
-    name = os.path.basename(target)
+    folder, name = os.path.split(target)
+    os.makedirs(folder, exist_ok=True)
     # One converter at a time; a process that waited finds the folder already there.
-    with open(os.path.join(cache_root(), f".{name}.lock"), "w") as lock:
+    with open(os.path.join(folder, f".{name}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not os.path.isdir(target):
             _convert(path, target)

@@ -11,6 +11,7 @@ costs one call per part. On CUDA each part synchronizes the device first and las
 time is its kernels' time (and the step runs slower while profiled).
 """
 
+import contextlib
 import time
 from types import TracebackType
 
@@ -23,7 +24,7 @@ class StepTimer:
         self.seconds: dict[str, float] = {}
         self._synchronize = enabled and device.type == "cuda"
 
-    def part(self, name: str) -> "TimedPart | NoPart":
+    def part(self, name: str) -> "TimedPart | contextlib.nullcontext[None]":
         return TimedPart(self, name) if self.enabled else NO_PART
 
     def add(self, name: str, seconds: float) -> None:
@@ -48,13 +49,5 @@ class TimedPart:
         self.timer.add(self.name, self.timer.now() - self.started)
 
 
-class NoPart:
-    def __enter__(self) -> None:
-        pass
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
-        pass
-
-
-NO_PART = NoPart()
+NO_PART = contextlib.nullcontext()  # reusable
 DISABLED = StepTimer(False, torch.device("cpu"))
