@@ -35,6 +35,7 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPI
 _RMS_NORM_ARGTYPES = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
 _ROPE_ARGTYPES = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int]
 _SILU_MUL_ARGTYPES = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+_PANEL_LINEAR_ARGTYPES = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
 _PAGED_DECODE_ARGTYPES = (
     [ctypes.c_void_p] * 6  # q, k_cache, v_cache, block_tables, context_lens, out
     + [ctypes.c_int64] * 6  # num_seqs, num_heads, num_kv_heads, head_dim, max_blocks, block_size
@@ -154,6 +155,54 @@ class SiluMulKernel:
         out = torch.empty(tokens, width // 2, dtype=gate_up.dtype)
         self.fns[gate_up.dtype](gate_up.data_ptr(), out.data_ptr(), tokens, width // 2, torch.get_num_threads())
         return out
+
+
+# Output columns per panel of `PanelLinear`'s weight layout.
+PANEL_COLUMNS = 32
+
+
+@dataclass(frozen=True)
+class PanelLinear:
+    """The loaded `panel_linear` C functions (AVX-512 CPUs), by dtype: linear layers of a few rows
+    (decode batches) over a weight laid out in column panels by `panels()`."""
+
+    fns: dict[torch.dtype, Callable[..., int]]
+
+    @staticmethod
+    def fits(weight: torch.Tensor) -> bool:
+        return fits_kernel(weight) and weight.dim() == 2 and weight.shape[0] % PANEL_COLUMNS == 0
+
+    @staticmethod
+    def panels(weight: torch.Tensor) -> torch.Tensor:
+        """`weight` `[n, k]` as `[n / 32, k, 32]`: each panel's 32 columns of one k side by side."""
+        n, k = weight.shape
+        return weight.detach().view(n // PANEL_COLUMNS, PANEL_COLUMNS, k).transpose(1, 2).contiguous()
+
+    def __call__(self, x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x `[rows, k]` times the weight of `panels` (transposed), plus `bias`: F.linear's result
+        up to summation order (in fp32)."""
+        groups, k, _ = panels.shape
+        operands = (x, panels) if bias is None else (x, panels, bias)
+        if not fits_kernel(*operands) or x.dim() != 2 or x.shape[1] != k:
+            raise ValueError(f"panel_linear needs contiguous CPU x [rows, {k}] of the panels' dtype, "
+                             f"got {tuple(x.shape)} {x.dtype}")  # fmt: skip
+        out = torch.empty(len(x), groups * PANEL_COLUMNS, dtype=x.dtype)
+        if len(x) == 0:
+            return out
+        status = self.fns[x.dtype](x.data_ptr(), panels.data_ptr(), None if bias is None else bias.data_ptr(),
+                                   out.data_ptr(), len(x), out.shape[1], k, torch.get_num_threads())  # fmt: skip
+        if status != 0:
+            raise MemoryError("panel_linear: no memory for its buffers")
+        return out
+
+
+@functools.cache
+def load_panel_linear() -> PanelLinear | None:
+    """The few-row linear kernels, built on first use; None when they cannot be built or the CPU
+    lacks AVX-512 (the library then has no such symbol)."""
+    if _library() is None or not hasattr(_library(), "panel_linear"):
+        return None
+    return PanelLinear(_c_functions("panel_linear", _PANEL_LINEAR_ARGTYPES, ctypes.c_int))
 
 
 @functools.cache

@@ -6,9 +6,10 @@ attention: per-module Python, and the elementwise kernels that allocate a new te
 CPU (fp32, bf16) the C kernels of `worker.cpu_kernels` fuse them: the residual add with the
 RMSNorm after it, RoPE on q and k in place, SiLU(gate) * up; elsewhere torch's ops do it, the
 activation in place on the gate/up output. The final norm and the LM head only see the rows that
-sample. On CPU the projections run through oneDNN over weights reordered once into the layout it
-prefers (`PackedWeights`: 1.2-2x faster than plain weights at decode batch sizes, fp32 and bf16);
-the packed copies are made again after every weight update and dropped while the weights sleep.
+sample. On CPU a projection of a few rows (decode batches) runs the C kernel `PanelLinear` over
+its weight laid out once in column panels (AVX-512 CPUs), else oneDNN over the weight reordered
+into the layout it prefers; prefill chunks run torch's GEMM (`PackedWeights`). The copies are made
+again after every weight update and dropped while the weights sleep.
 
 Q/K/V and gate/up are fused into one projection each. The HF parameters are then re-pointed
 at row slices of the fused tensors, so memory is not doubled and an in-place weight update
@@ -31,10 +32,13 @@ import torch.nn.functional as F
 
 from worker.attention import AttentionMetadata, attend
 from worker.cpu_kernels import (
+    KERNEL_DTYPES,
+    PanelLinear,
     RMSNormKernel,
     RopeKernel,
     SiluMulKernel,
     fits_kernel,
+    load_panel_linear,
     load_rms_norm,
     load_rope,
     load_silu_mul,
@@ -95,12 +99,12 @@ class Rotary:
         return apply_rotary(x, self.cos[:, None], self.sin[:, None])
 
 
-# The batch size oneDNN picks the packed layout for: decode batches. It served prefill's
-# thousands of rows as well as a layout for those did (SmolLM2's shapes, fp32 and bf16).
+# The batch size oneDNN picks the packed layout for: decode batches.
 PACK_BATCH_HINT = 32
-# From this many rows (prefill chunks) a bf16 projection runs as an fp32 GEMM on an fp32 copy of
-# its weight, where that is faster (`fp32_gemm_is_faster`). Below it the bf16 weights, half the
-# bytes to read, win: decode batches read every weight for a few rows.
+# From this many rows (prefill chunks) a projection runs torch's GEMM, a bf16 one as an fp32 GEMM
+# on an fp32 copy of its weight where that is faster (`fp32_gemm_is_faster`). Below it (decode
+# batches, which read every weight for a few rows) the panel kernel or oneDNN's packed weights
+# serve, bf16 reading half the bytes. At 127 rows the panel kernel and MKL took equal time (fp32).
 FP32_GEMM_ROWS = 128
 FP32_GEMM_MIN_SPEEDUP = 1.2
 
@@ -166,12 +170,14 @@ def _best_time(run: Callable[[], object], rounds: int = 5) -> float:
 
 @dataclass
 class Projection:
-    """One linear layer over the rows of `weight` `[out, in]` (and `bias`); through `packed`, the
-    weight in oneDNN's layout, when it is there; for calls of FP32_GEMM_ROWS rows or more,
-    through `fp32` (the weight and bias widened), when it is there."""
+    """One linear layer over the rows of `weight` `[out, in]` (and `bias`). Calls of fewer than
+    FP32_GEMM_ROWS rows run through `panels` (the weight in `PanelLinear`'s layout) or `packed`
+    (in oneDNN's), whichever `pack()` made; calls of more through `fp32` (the weight and bias
+    widened) when it is there, else F.linear."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
+    panels: torch.Tensor | None = None
     packed: torch.Tensor | None = None
     fp32: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
@@ -198,31 +204,43 @@ class Projection:
         return cls(weight, bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fp32 is not None and len(x) >= FP32_GEMM_ROWS:
-            return F.linear(x.float(), *self.fp32).to(x.dtype)
-        if self.packed is not None:
+        if len(x) >= FP32_GEMM_ROWS:
+            if self.fp32 is not None:
+                return F.linear(x.float(), *self.fp32).to(x.dtype)
+        elif self.panels is not None and x.is_contiguous():
+            return load_panel_linear()(x, self.panels, self.bias)
+        elif self.packed is not None:
             return onednn_linear(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def pack(self, fp32: bool) -> None:
         weight = self.weight.detach()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
+        bias_fits = self.bias is None or fits_kernel(weight, self.bias)
+        if load_panel_linear() is not None and PanelLinear.fits(weight) and bias_fits:
+            self.panels = PanelLinear.panels(weight)
+        elif can_pack(weight):
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
         if fp32:
             self.fp32 = (weight.float(), None if self.bias is None else self.bias.detach().float())
 
     def release(self) -> None:
-        self.packed = self.fp32 = None
+        self.panels = self.packed = self.fp32 = None
+
+    @property
+    def has_copies(self) -> bool:
+        """Whether `pack()` made a copy for decode batches (it has not been released since)."""
+        return self.panels is not None or self.packed is not None
 
 
 class PackedWeights:
-    """The copies of the projections' weights made for speed, a cache of the parameters: packed
-    for oneDNN, and for bf16 prefill widened to fp32 where that is faster (the `prefill`
-    projections only, the LM head sees the sampling rows: twice the bf16 weights' bytes more).
-    `pack()` makes them (again, after the parameters changed); `release()` drops them (sleep),
-    leaving F.linear."""
+    """The copies of the projections' weights made for speed, a cache of the parameters: in
+    column panels or packed for oneDNN (decode batches), and for bf16 prefill widened to fp32
+    where that is faster (the `prefill` projections only, the LM head sees the sampling rows:
+    twice the bf16 weights' bytes more). `pack()` makes them (again, after the parameters
+    changed); `release()` drops them (sleep), leaving F.linear."""
 
     def __init__(self, projections: list[Projection], prefill: list[Projection]) -> None:
-        self.projections = [p for p in projections if can_pack(p.weight)]
+        self.projections = [p for p in projections if p.weight.device.type == "cpu" and p.weight.dtype in KERNEL_DTYPES]
         self.prefill = {id(p) for p in prefill}
 
     def pack(self) -> None:
@@ -235,12 +253,13 @@ class PackedWeights:
             projection.release()
 
     def warm_up(self, max_rows: int) -> None:
-        """Call each shape of the layers' projections once for every row count up to `max_rows`
-        (decode batches): oneDNN builds a kernel for each new shape on its first call (about 1 ms
-        each, 30 layers share it). Not the LM head's, whose every call computes 10x longer than
-        that and whose warm-up took 3 s."""
+        """Call each shape of the layers' projections that oneDNN serves once for every row count
+        up to `max_rows` (decode batches): oneDNN builds a kernel for each new shape on its first
+        call (about 1 ms each, 30 layers share it). Not the LM head's, whose every call computes
+        10x longer than that and whose warm-up took 3 s. The panel kernel needs none."""
         started = time.perf_counter()
-        shapes = {(p.weight.shape, p.weight.dtype): p for p in self.projections if id(p) in self.prefill}
+        onednn = [p for p in self.projections if id(p) in self.prefill and p.packed is not None]
+        shapes = {(p.weight.shape, p.weight.dtype): p for p in onednn}
         for (shape, dtype), projection in shapes.items():
             rows = torch.zeros(min(max_rows, FP32_GEMM_ROWS - 1), shape[1], dtype=dtype)
             for count in range(1, len(rows) + 1):

@@ -109,6 +109,45 @@ def test_silu_mul_equals_torchs(dtype, tokens):
         assert (ours == expected).float().mean().item() > 0.99
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, out_features, in_features, bias", [
+    (1, 32, 7, False), (13, 96, 200, True), (20, 576, 1536, False), (127, 960, 576, True),
+])  # fmt: skip
+def test_panel_linear_equals_f_linear(dtype, rows, out_features, in_features, bias):
+    """Against fp64: fp32 within F.linear's own error (2x); bf16 F.linear's result but for ties."""
+    kernel = cpu_kernels.load_panel_linear()
+    if kernel is None:
+        pytest.skip("no C compiler or no AVX-512: projections keep oneDNN")
+    g = torch.Generator().manual_seed(rows)
+    x, weight = torch.randn(rows, in_features, generator=g), torch.randn(out_features, in_features, generator=g)
+    b = torch.randn(out_features, generator=g).to(dtype) if bias else None
+    x, weight = x.to(dtype), weight.to(dtype)
+    ours, theirs = kernel(x, kernel.panels(weight), b), F.linear(x, weight, b)
+    exact = x.double() @ weight.double().T + (b.double() if bias else 0)
+    if dtype == torch.float32:
+        assert (ours.double() - exact).abs().max() <= 2 * (theirs.double() - exact).abs().max() + 1e-6
+    else:
+        # Off from the exact value by F.linear's error plus one bf16 spacing and the error bound of
+        # fp32 sums in another order (which dominates where the products cancel).
+        ulp = 2.0 ** (torch.frexp(exact.abs().float())[1] - 8).double()
+        sums = in_features * 2.0**-24 * (x.double().abs() @ weight.double().abs().T)
+        assert ((ours.double() - exact).abs() <= (theirs.double() - exact).abs() + ulp + sums).all()
+        assert (ours == theirs).float().mean().item() > 0.99
+    assert kernel(x[:0], kernel.panels(weight), b).shape == (0, out_features)
+
+
+def test_panel_linear_refuses_what_it_cannot_read():
+    kernel = cpu_kernels.load_panel_linear()
+    if kernel is None:
+        pytest.skip("no C compiler or no AVX-512: projections keep oneDNN")
+    panels = kernel.panels(torch.randn(64, 16))
+    with pytest.raises(ValueError, match="panel_linear needs"):
+        kernel(torch.randn(3, 17), panels, None)
+    with pytest.raises(ValueError, match="panel_linear needs"):
+        kernel(torch.randn(3, 16).to(torch.bfloat16), panels, None)
+    assert not kernel.fits(torch.randn(40, 16)) and kernel.fits(torch.randn(64, 16))
+
+
 def random_tables(lens: list[int], generator: torch.Generator) -> torch.Tensor:
     """Each sequence gets distinct, shuffled (non-sequential) block ids; rows padded with block 0."""
     needed = [-(-n // BLOCK) for n in lens]

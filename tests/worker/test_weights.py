@@ -121,7 +121,7 @@ def test_sleep_frees_the_kv_cache_and_level_2_drops_the_weights_until_rewritten(
     commands = WorkerCommands(runner.model, runner.kv_cache, 0, torch.device("cpu"), runner.native.packed)
     saved = {n: p.detach().clone() for n, p in runner.model.named_parameters()}
     assert commands.handle(Sleep(1, 2)).error is None
-    assert all(p.packed is None for p in runner.native.packed.projections)
+    assert not any(p.has_copies for p in runner.native.packed.projections)
     assert all(k.untyped_storage().nbytes() == 0 for k in runner.kv_cache.keys)
     assert all(p.untyped_storage().nbytes() == 0 for p in runner.model.parameters())
     with pytest.raises(WeightError, match="dropped the weights on CPU"):
@@ -134,6 +134,6 @@ def test_sleep_frees_the_kv_cache_and_level_2_drops_the_weights_until_rewritten(
     update.commit()
     commands.memory.written(update.written)
     assert commands.handle(WakeUp(2, ["weights", "kv_cache"])).error is None
-    assert commands.memory.asleep == set() and all(p.packed is not None for p in runner.native.packed.projections)
+    assert commands.memory.asleep == set() and all(p.has_copies for p in runner.native.packed.projections)
     assert all(torch.count_nonzero(k) == 0 for k in runner.kv_cache.keys)
     assert generate(runner) == before
