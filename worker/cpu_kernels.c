@@ -88,18 +88,120 @@ struct seq {
     int64_t len, num_heads, group, head_dim, row, block_size;
 };
 
-/* The cache slot of token t. */
-static inline int64_t token_slot(const struct seq *s, int64_t t) {
-    return s->blocks[t / s->block_size] * s->block_size + t % s->block_size;
+/* Walks a sequence's tokens block by block: `t` the token, `slot` its cache slot (no division per
+ * token). */
+#define FOR_EACH_TOKEN(s, t, slot)                                                                                \
+    for (int64_t block_ = 0, t = 0; t < (s)->len; block_++)                                                     \
+        for (int64_t slot = (s)->blocks[block_] * (s)->block_size, end_ = slot + (s)->block_size; \
+             slot < end_ && t < (s)->len; slot++, t++)
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+/* 16 values at p, widened to fp32 in the register. */
+static inline __m512 vec_f32(const float *p) { return _mm512_loadu_ps(p); }
+static inline __m512 vec_bf16(const uint16_t *p) {
+    __m256i half = _mm256_loadu_si256((const __m256i *)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
+#endif
+
+#if defined(__AVX512F__)
+#define HEADS_PER_VALUE_PASS 3 /* 3 x 8 sums in registers at head_dim 128 */
+/* One pass for a head of N vectors (a constant, so the arrays stay in registers). */
+#define DECODE_VECTOR_PASSES_OF(NAME, T, VEC, N)                                                                 \
+    static void NAME##_scores_##N(float *p, const float *q, const T *k_cache, const struct seq *s, float scale) { \
+        FOR_EACH_TOKEN(s, t, slot) {                                                                             \
+            const T *row = k_cache + slot * s->row;                                                              \
+            for (int64_t g = 0; g < s->num_heads / s->group; g++) {                                              \
+                __m512 k[N];                                                                                     \
+                _Pragma("GCC unroll 16") for (int i = 0; i < N; i++) k[i] = VEC(row + g * s->head_dim + 16 * i); \
+                for (int64_t h = g * s->group; h < (g + 1) * s->group; h++) {                                    \
+                    const float *qh = q + h * s->head_dim;                                                       \
+                    __m512 sum = _mm512_mul_ps(k[0], _mm512_loadu_ps(qh));                                       \
+                    _Pragma("GCC unroll 16") for (int i = 1; i < N; i++) sum =                                   \
+                        _mm512_fmadd_ps(k[i], _mm512_loadu_ps(qh + 16 * i), sum);                                \
+                    p[h * s->len + t] = _mm512_reduce_add_ps(sum) * scale;                                       \
+                }                                                                                                \
+            }                                                                                                    \
+        }                                                                                                        \
+    }                                                                                                            \
+    /* Query heads [h0, h0 + heads) of one KV head: each V row read once for them all. */                    \
+    static inline __attribute__((always_inline)) void NAME##_values_##N##_of(                                   \
+        float *acc, const float *p, const T *v_cache, const struct seq *s, int64_t h0, int heads) {             \
+        const T *column = v_cache + h0 / s->group * s->head_dim;                                                 \
+        __m512 out[HEADS_PER_VALUE_PASS][N];                                                                     \
+        _Pragma("GCC unroll 3") for (int j = 0; j < heads; j++)                                                  \
+            _Pragma("GCC unroll 16") for (int i = 0; i < N; i++) out[j][i] = _mm512_setzero_ps();               \
+        FOR_EACH_TOKEN(s, t, slot) {                                                                             \
+            const T *vh = column + slot * s->row;                                                                \
+            __m512 v[N];                                                                                         \
+            _Pragma("GCC unroll 16") for (int i = 0; i < N; i++) v[i] = VEC(vh + 16 * i);                        \
+            _Pragma("GCC unroll 3") for (int j = 0; j < heads; j++) {                                            \
+                __m512 weight = _mm512_set1_ps(p[(h0 + j) * s->len + t]);                                        \
+                _Pragma("GCC unroll 16") for (int i = 0; i < N; i++) out[j][i] = _mm512_fmadd_ps(weight, v[i], out[j][i]); \
+            }                                                                                                    \
+        }                                                                                                        \
+        _Pragma("GCC unroll 3") for (int j = 0; j < heads; j++)                                                  \
+            _Pragma("GCC unroll 16") for (int i = 0; i < N; i++)                                                 \
+                _mm512_storeu_ps(acc + (h0 + j) * s->head_dim + 16 * i, out[j][i]);                              \
+    }                                                                                                            \
+    static void NAME##_values_##N(float *acc, const float *p, const T *v_cache, const struct seq *s) {           \
+        for (int64_t h = 0; h < s->num_heads;) {                                                                 \
+            int64_t group_end = (h / s->group + 1) * s->group, heads = group_end - h;                            \
+            heads = heads < HEADS_PER_VALUE_PASS ? heads : HEADS_PER_VALUE_PASS;                                 \
+            if (heads == 3) NAME##_values_##N##_of(acc, p, v_cache, s, h, 3);                                    \
+            else if (heads == 2) NAME##_values_##N##_of(acc, p, v_cache, s, h, 2);                               \
+            else NAME##_values_##N##_of(acc, p, v_cache, s, h, 1);                                               \
+            h += heads;                                                                                          \
+        }                                                                                                        \
+    }
+
+/* head_dim 64 or 128 (4 or 8 vectors): a head's K or V row is held in registers, widened there;
+ * a score is one register's sum, and up to 3 query heads of a KV head sum their outputs in
+ * registers over the tokens, each V row read once for them. Else 0: the scalar passes serve.
+ * Against the scalar passes: 22.7 -> 17.2 ms fp32, 19.5 -> 13.0 ms bf16 (SmolLM2's 30 layers,
+ * 20 sequences of 250 tokens). */
+#define DECODE_VECTOR_PASSES(NAME, T, VEC)                                                                       \
+    DECODE_VECTOR_PASSES_OF(NAME, T, VEC, 4)                                                                     \
+    DECODE_VECTOR_PASSES_OF(NAME, T, VEC, 8)                                                                     \
+    static int NAME##_vector_scores(float *p, const float *q, const T *k_cache, const struct seq *s,            \
+                                    float scale) {                                                               \
+        switch (s->head_dim) {                                                                                   \
+            case 64: NAME##_scores_4(p, q, k_cache, s, scale); return 1;                                         \
+            case 128: NAME##_scores_8(p, q, k_cache, s, scale); return 1;                                        \
+            default: return 0;                                                                                   \
+        }                                                                                                        \
+    }                                                                                                            \
+    static int NAME##_vector_values(float *acc, const float *p, const T *v_cache, const struct seq *s) {         \
+        switch (s->head_dim) {                                                                                   \
+            case 64: NAME##_values_4(acc, p, v_cache, s); return 1;                                              \
+            case 128: NAME##_values_8(acc, p, v_cache, s); return 1;                                             \
+            default: return 0;                                                                                   \
+        }                                                                                                        \
+    }
+#else
+#define DECODE_VECTOR_PASSES(NAME, T, VEC)                                                                       \
+    static int NAME##_vector_scores(float *p, const float *q, const T *k_cache, const struct seq *s,            \
+                                    float scale) {                                                               \
+        (void)p, (void)q, (void)k_cache, (void)s, (void)scale;                                                   \
+        return 0;                                                                                                \
+    }                                                                                                            \
+    static int NAME##_vector_values(float *acc, const float *p, const T *v_cache, const struct seq *s) {         \
+        (void)acc, (void)p, (void)v_cache, (void)s;                                                              \
+        return 0;                                                                                                \
+    }
+#endif
 
 /* The decode kernel for cache element type T (float or uint16_t bf16), queries and outputs of
- * the same type; every product and sum in fp32, the query widened once per sequence. */
-#define DECODE_KERNEL(NAME, T, LOAD, STORE, WIDEN)                                                               \
+ * the same type; every product and sum in fp32, the query widened once per sequence. The scalar
+ * passes serve where the vector ones do not (they return 0). */
+#define DECODE_KERNEL(NAME, T, LOAD, STORE, WIDEN, VEC)                                                          \
+    DECODE_VECTOR_PASSES(NAME, T, VEC)                                                                           \
     static void NAME##_scores(float *p, const float *q, float *wide, const T *k_cache, const struct seq *s,      \
                               float scale) {                                                                     \
-        for (int64_t t = 0; t < s->len; t++) {                                                                   \
-            const float *row = WIDEN(wide, k_cache + token_slot(s, t) * s->row, s->row);                         \
+        if (NAME##_vector_scores(p, q, k_cache, s, scale)) return;                                               \
+        FOR_EACH_TOKEN(s, t, slot) {                                                                             \
+            const float *row = WIDEN(wide, k_cache + slot * s->row, s->row);                                     \
             for (int64_t h = 0; h < s->num_heads; h++) {                                                         \
                 const float *qh = q + h * s->head_dim;                                                           \
                 const float *kh = row + h / s->group * s->head_dim;                                              \
@@ -111,9 +213,10 @@ static inline int64_t token_slot(const struct seq *s, int64_t t) {
         }                                                                                                        \
     }                                                                                                            \
     static void NAME##_values(float *acc, const float *p, float *wide, const T *v_cache, const struct seq *s) {  \
+        if (NAME##_vector_values(acc, p, v_cache, s)) return;                                                    \
         for (int64_t i = 0; i < s->num_heads * s->head_dim; i++) acc[i] = 0.0f;                                  \
-        for (int64_t t = 0; t < s->len; t++) {                                                                   \
-            const float *row = WIDEN(wide, v_cache + token_slot(s, t) * s->row, s->row);                         \
+        FOR_EACH_TOKEN(s, t, slot) {                                                                             \
+            const float *row = WIDEN(wide, v_cache + slot * s->row, s->row);                                     \
             for (int64_t h = 0; h < s->num_heads; h++) {                                                         \
                 float weight = p[h * s->len + t], *out = acc + h * s->head_dim;                                  \
                 const float *vh = row + h / s->group * s->head_dim;                                              \
@@ -149,8 +252,8 @@ static inline int64_t token_slot(const struct seq *s, int64_t t) {
     }
 
 /* Each returns 0, or -1 when a score buffer could not be allocated (out is then incomplete). */
-DECODE_KERNEL(paged_decode_attention, float, load_f32, store_f32, row_f32)
-DECODE_KERNEL(paged_decode_attention_bf16, uint16_t, load_bf16, store_bf16, row_bf16)
+DECODE_KERNEL(paged_decode_attention, float, load_f32, store_f32, row_f32, vec_f32)
+DECODE_KERNEL(paged_decode_attention_bf16, uint16_t, load_bf16, store_bf16, row_bf16, vec_bf16)
 
 /* RMSNorm of `rows` contiguous rows of `hidden` elements: transformers' formula, the sum in fp32.
  * In fp32 out = weight * (x / sqrt(mean(x^2) + eps)); in bf16 the normalised value is rounded to
@@ -237,23 +340,15 @@ SILU_MUL_KERNEL(silu_mul_bf16, uint16_t, load_bf16, store_bf16, round_bf16)
  * slices prefetched from memory by the first. Every product and sum in fp32.
  * oneDNN took 1.3-1.5x as long on SmolLM2's decode shapes (bf16), 1.0-1.3x (fp32). */
 #if defined(__AVX512F__)
-#include <immintrin.h>
-
 #define PANEL 32
 #define TILE_ROWS 12
 #define K_CHUNK 128
 #define PREFETCH_AHEAD 4096 /* weight elements */
 
-static inline __m512 panel_f32(const float *w, int i) { return _mm512_loadu_ps(w + 16 * i); }
-static inline __m512 panel_bf16(const uint16_t *w, int i) {
-    __m256i half = _mm256_loadu_si256((const __m256i *)(w + 16 * i));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-}
-
 /* Rows [0, rows) of x (k apart) times one panel over k in [k0, k1), summed from zero and added to
  * `sums` [rows][PANEL] (stored there when `first`): sums of K_CHUNK products, then of the chunks,
  * keep the rounding error near a blocked GEMM's (one running sum over k had 2-3x MKL's). */
-#define PANEL_TILE(NAME, T, PANEL_LOAD)                                                                          \
+#define PANEL_TILE(NAME, T, VEC)                                                                                 \
     static inline __attribute__((always_inline)) void NAME(const float *x, int64_t k, int64_t k0, int64_t k1,   \
                                                            const T *panel, float *sums, int rows, int first,     \
                                                            int prefetch) {                                       \
@@ -265,7 +360,7 @@ static inline __m512 panel_bf16(const uint16_t *w, int i) {
                 _mm_prefetch((const char *)(w + PREFETCH_AHEAD), _MM_HINT_T0);                                   \
                 if (sizeof(T) == 4) _mm_prefetch((const char *)(w + PREFETCH_AHEAD + 16), _MM_HINT_T0);          \
             }                                                                                                    \
-            __m512 w_lo = PANEL_LOAD(w, 0), w_hi = PANEL_LOAD(w, 1);                                             \
+            __m512 w_lo = VEC(w), w_hi = VEC(w + 16);                                                            \
             _Pragma("GCC unroll 12") for (int m = 0; m < rows; m++) {                                            \
                 __m512 xm = _mm512_set1_ps(x[m * k + j]);                                                        \
                 lo[m] = _mm512_fmadd_ps(xm, w_lo, lo[m]);                                                        \
@@ -279,8 +374,8 @@ static inline __m512 panel_bf16(const uint16_t *w, int i) {
         }                                                                                                        \
     }
 
-PANEL_TILE(panel_tile_f32, float, panel_f32)
-PANEL_TILE(panel_tile_bf16, uint16_t, panel_bf16)
+PANEL_TILE(panel_tile_f32, float, vec_f32)
+PANEL_TILE(panel_tile_bf16, uint16_t, vec_bf16)
 
 /* The tile for `rows` rows, a constant in each case so the register arrays unroll. */
 #define TILE_CASE(TILE, R) \
