@@ -5,11 +5,12 @@ The model runs one packed batch `[1, T]` mixing prefill chunks and decodes. Each
 together with `module.layer_idx`. Per layer:
 
     1. write this step's K/V at `slot_mapping` (slot = block_id * block_size + offset);
-    2. decodes (1 query token): on CPU fp32, the C kernel of `worker.cpu_kernels`, which reads
+    2. decodes (1 query token): on CPU (fp32, bf16), the C kernel of `worker.cpu_kernels`, which reads
        each sequence's K/V blocks in place; elsewhere (CUDA, other dtypes, no C compiler) one
        batched SDPA over K/V gathered by slot, padded to the longest context, padding masked out;
-    3. each prefill chunk: its own SDPA; the chunk's earlier cached tokens are all visible,
-       its own tokens causally.
+    3. prefill chunks: the chunk's earlier cached tokens are all visible, its own tokens
+       causally. Chunks with nothing cached go to the C kernel at once on AVX-512 CPUs (head_dim
+       64 or 128), reading q/k/v where they lie; the others, each its own SDPA.
 
 The gather indices and masks are built once per step (`build_metadata`) and shared by all layers.
 """
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from worker.cpu_kernels import PagedDecode, fits_kernel, load_paged_decode
+from worker.cpu_kernels import PagedDecode, PrefillAttention, fits_kernel, load_paged_decode, load_prefill_attention
 from worker.kv_cache import KVCache
 
 # Our own name: a name transformers knows ("sdpa") would make it build a [T, T] mask each step.
@@ -48,6 +49,9 @@ class AttentionMetadata:
     decode_slots: torch.Tensor | None  # [Nd, L] context slots, padded (torch path)
     decode_mask: torch.Tensor | None  # [Nd, 1, 1, L] bool, False on padding (torch path)
     prefills: list[PrefillChunk]
+    prefill_kernel: PrefillAttention | None  # for the chunks with nothing cached, where it fits
+    fresh_starts: torch.Tensor  # [Nf] first token of each chunk with nothing cached (kernel path)
+    fresh_lens: torch.Tensor  # [Nf] its length
 
 
 def context_slots(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int):
@@ -85,6 +89,7 @@ def build_metadata(
         for i, d in enumerate(is_decode)
         if not d
     ]
+    fresh = [chunk for chunk in prefills if chunk.mask is None]
     return AttentionMetadata(
         kv_cache=kv_cache,
         slot_mapping=slot_mapping,
@@ -95,6 +100,9 @@ def build_metadata(
         decode_slots=decode_slots,
         decode_mask=valid,
         prefills=prefills,
+        prefill_kernel=load_prefill_attention() if fresh and block_tables.device.type == "cpu" else None,
+        fresh_starts=torch.tensor([chunk.start for chunk in fresh], dtype=torch.long),
+        fresh_lens=torch.tensor([chunk.end - chunk.start for chunk in fresh], dtype=torch.long),
     )
 
 
@@ -146,8 +154,14 @@ def attend(
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if len(meta.decode_tokens):
         _decode(q, out, k_cache, v_cache, meta, scaling)
+    kernel = meta.prefill_kernel
+    fresh_done = kernel is not None and kernel.fits(q, k, v)
+    if fresh_done:
+        scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+        kernel(q, k, v, meta.fresh_starts, meta.fresh_lens, scale, out)
     for chunk in meta.prefills:
-        _prefill(q, out, (k, v), (k_cache, v_cache), chunk, scaling)
+        if not (fresh_done and chunk.mask is None):
+            _prefill(q, out, (k, v), (k_cache, v_cache), chunk, scaling)
     return out
 
 

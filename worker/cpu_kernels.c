@@ -66,21 +66,23 @@ static inline const float *row_bf16(float *buf, const uint16_t *row, int64_t n) 
     return buf;
 }
 
+/* In place: `row` [n] becomes its softmax. */
+static void softmax_row(float *row, int64_t n) {
+    float max = -INFINITY, sum = 0.0f;
+#pragma omp simd reduction(max : max)
+    for (int64_t t = 0; t < n; t++) max = row[t] > max ? row[t] : max;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = 0; t < n; t++) {
+        row[t] = expf(row[t] - max);
+        sum += row[t];
+    }
+    float inv = 1.0f / sum;
+    for (int64_t t = 0; t < n; t++) row[t] *= inv;
+}
+
 /* In place: each row of p [rows, n] becomes its softmax. */
 static void softmax_rows(float *p, int64_t rows, int64_t n) {
-    for (int64_t h = 0; h < rows; h++) {
-        float *row = p + h * n;
-        float max = -INFINITY, sum = 0.0f;
-#pragma omp simd reduction(max : max)
-        for (int64_t t = 0; t < n; t++) max = row[t] > max ? row[t] : max;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < n; t++) {
-            row[t] = expf(row[t] - max);
-            sum += row[t];
-        }
-        float inv = 1.0f / sum;
-        for (int64_t t = 0; t < n; t++) row[t] *= inv;
-    }
+    for (int64_t h = 0; h < rows; h++) softmax_row(p + h * n, n);
 }
 
 struct seq {
@@ -442,4 +444,182 @@ static void panel_rows(const float *x_all, int64_t m, int64_t k, const void *pan
 
 PANEL_LINEAR(panel_linear, float, load_f32, store_f32, 0)
 PANEL_LINEAR(panel_linear_bf16, uint16_t, load_bf16, store_bf16, 1)
+#endif
+
+/* Causal attention of prefill chunks with nothing cached: sequence i's rows are
+ * [starts[i], starts[i] + lens[i]) of q [., num_heads, D], k and v [., num_kv_heads, D] (rows
+ * q_stride and kv_stride elements apart: views into the fused q/k/v output) and out (contiguous
+ * [., num_heads, D]). A task is a block of QUERY_BLOCK positions of one sequence for the query
+ * heads of one KV head: their keys, transposed into a buffer, feed 12 x 32 tiles of scores
+ * (vertical FMAs over the keys, one running sum per score over D, in order); each row's softmax
+ * is two-pass as in the decode kernel; the values then sum in tiles of 24 registers, each V row
+ * read once per tile. Every product and sum in fp32. SDPA's CPU kernel ran 55-80 GFLOP/s on
+ * SmolLM2's prefill shapes. */
+#if defined(__AVX512F__)
+#define QUERY_BLOCK 8
+#define SCORE_ROWS 12
+#define SCORE_KEYS 32
+
+static inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
+
+/* scores [SCORE_ROWS][keys_pad] columns [k0, k0 + 32) = scale * queries [SCORE_ROWS][D] . keys_t
+ * [D][keys_stride] */
+static void score_tile(const float *queries, const float *keys_t, int64_t head_dim, int64_t keys_stride,
+                       int64_t keys_pad, int64_t k0, float scale, float *scores) {
+    __m512 lo[SCORE_ROWS], hi[SCORE_ROWS];
+#pragma GCC unroll 12
+    for (int r = 0; r < SCORE_ROWS; r++) lo[r] = hi[r] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < head_dim; d++) {
+        const float *keys = keys_t + d * keys_stride + k0;
+        __m512 k_lo = _mm512_loadu_ps(keys), k_hi = _mm512_loadu_ps(keys + 16);
+#pragma GCC unroll 12
+        for (int r = 0; r < SCORE_ROWS; r++) {
+            __m512 qd = _mm512_set1_ps(queries[r * head_dim + d]);
+            lo[r] = _mm512_fmadd_ps(qd, k_lo, lo[r]);
+            hi[r] = _mm512_fmadd_ps(qd, k_hi, hi[r]);
+        }
+    }
+    __m512 s = _mm512_set1_ps(scale);
+#pragma GCC unroll 12
+    for (int r = 0; r < SCORE_ROWS; r++) {
+        _mm512_storeu_ps(scores + r * keys_pad + k0, _mm512_mul_ps(lo[r], s));
+        _mm512_storeu_ps(scores + r * keys_pad + k0 + 16, _mm512_mul_ps(hi[r], s));
+    }
+}
+
+/* out rows [R][N * 16] = probs [R][keys_pad] (zero past each row's last key) . v rows [keys] */
+#define VALUE_TILE(NAME, T, VEC, N, R)                                                                            \
+    static void NAME(const float *probs, int64_t keys_pad, int64_t keys, const T *v, int64_t kv_stride,          \
+                     float *outs) {                                                                              \
+        __m512 acc[R][N];                                                                                        \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                                      \
+            _Pragma("GCC unroll 8") for (int i = 0; i < N; i++) acc[r][i] = _mm512_setzero_ps();                 \
+        for (int64_t j = 0; j < keys; j++) {                                                                     \
+            __m512 vj[N];                                                                                        \
+            _Pragma("GCC unroll 8") for (int i = 0; i < N; i++) vj[i] = VEC(v + j * kv_stride + 16 * i);          \
+            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                                \
+                __m512 p = _mm512_set1_ps(probs[r * keys_pad + j]);                                              \
+                _Pragma("GCC unroll 8") for (int i = 0; i < N; i++) acc[r][i] = _mm512_fmadd_ps(p, vj[i], acc[r][i]); \
+            }                                                                                                    \
+        }                                                                                                        \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                                      \
+            _Pragma("GCC unroll 8") for (int i = 0; i < N; i++) _mm512_storeu_ps(outs + r * N * 16 + 16 * i, acc[r][i]); \
+    }
+
+/* One task: the query heads of KV head g at positions [p0, p1) of a sequence starting at row `start`. */
+#define PREFILL_TASK(NAME, T, LOAD, STORE, VEC)                                                                   \
+    VALUE_TILE(NAME##_values_4, T, VEC, 4, 6)                                                                    \
+    VALUE_TILE(NAME##_values_8, T, VEC, 8, 3)                                                                    \
+    /* keys_t [D][keys_pad]: KV head g's keys of the sequence at row `start`, transposed, zero padded. */    \
+    static void NAME##_transpose(const T *k, int64_t start, int64_t len, int64_t g, int64_t head_dim,            \
+                                 int64_t kv_stride, float *keys_t) {                                             \
+        int64_t keys_pad = round_up(len, SCORE_KEYS);                                                            \
+        const T *keys = k + start * kv_stride + g * head_dim;                                                    \
+        for (int64_t d = 0; d < head_dim; d++) {                                                                 \
+            float *dst = keys_t + d * keys_pad;                                                                  \
+            for (int64_t j = 0; j < len; j++) dst[j] = LOAD(keys + j * kv_stride, d);                            \
+            for (int64_t j = len; j < keys_pad; j++) dst[j] = 0.0f;                                              \
+        }                                                                                                        \
+    }                                                                                                            \
+    /* Its keys_t rows are keys_stride apart; scores over the first round_up(p1, 32) keys. */                   \
+    static void NAME##_task(const T *q, const float *keys_t, int64_t keys_stride, const T *v, T *out,            \
+                            int64_t start, int64_t p0, int64_t p1, int64_t g, int64_t group, int64_t num_heads,  \
+                            int64_t head_dim, int64_t q_stride, int64_t kv_stride, float scale, float *buf) {    \
+        int64_t keys = p1, keys_pad = round_up(keys, SCORE_KEYS), block = p1 - p0;                               \
+        int64_t rows = round_up(group * block, SCORE_ROWS);                                                      \
+        float *queries = buf, *scores = queries + rows * head_dim, *outs = scores + rows * keys_pad;             \
+        /* Row r: head g * group + r / block at position p0 + r % block; padding rows are zero. */              \
+        for (int64_t r = 0; r < rows; r++) {                                                                     \
+            float *dst = queries + r * head_dim;                                                                 \
+            const T *src = q + (start + p0 + r % block) * q_stride + (g * group + r / block) * head_dim;         \
+            if (r < group * block)                                                                               \
+                for (int64_t d = 0; d < head_dim; d++) dst[d] = LOAD(src, d);                                    \
+            else                                                                                                 \
+                for (int64_t d = 0; d < head_dim; d++) dst[d] = 0.0f;                                            \
+        }                                                                                                        \
+        for (int64_t r0 = 0; r0 < rows; r0 += SCORE_ROWS)                                                        \
+            for (int64_t k0 = 0; k0 < keys_pad; k0 += SCORE_KEYS)                                                \
+                score_tile(queries + r0 * head_dim, keys_t, head_dim, keys_stride, keys_pad, k0, scale,          \
+                           scores + r0 * keys_pad);                                                              \
+        for (int64_t r = 0; r < rows; r++) {                                                                     \
+            float *row = scores + r * keys_pad;                                                                  \
+            int64_t seen = r < group * block ? p0 + r % block + 1 : 0; /* keys this query sees */                \
+            if (seen) {                                                                                          \
+                /* Whole vectors: the keys past `seen` weigh exp(-inf) = 0 (a scalar tail took a third). */     \
+                int64_t width = round_up(seen, 16);                                                              \
+                for (int64_t j = seen; j < width; j++) row[j] = -INFINITY;                                       \
+                softmax_row(row, width);                                                                         \
+            }                                                                                                    \
+            for (int64_t j = seen; j < keys; j++) row[j] = 0.0f;                                                 \
+        }                                                                                                        \
+        const T *vg = v + start * kv_stride + g * head_dim;                                                      \
+        for (int64_t r0 = 0; r0 < rows; r0 += (head_dim == 64 ? 6 : 3)) {                                        \
+            if (head_dim == 64) NAME##_values_4(scores + r0 * keys_pad, keys_pad, keys, vg, kv_stride, outs + r0 * head_dim); \
+            else NAME##_values_8(scores + r0 * keys_pad, keys_pad, keys, vg, kv_stride, outs + r0 * head_dim);   \
+        }                                                                                                        \
+        for (int64_t r = 0; r < group * block; r++) {                                                            \
+            T *dst = out + ((start + p0 + r % block) * num_heads + g * group + r / block) * head_dim;            \
+            const float *src = outs + r * head_dim;                                                              \
+            for (int64_t d = 0; d < head_dim; d++) STORE(dst, d, src[d]);                                        \
+        }                                                                                                        \
+    }
+
+/* Returns 0; -1 when a buffer could not be allocated (out is then incomplete); -2 when head_dim
+ * is not 64 or 128 (nothing done). */
+#define PREFILL_KERNEL(NAME, T, LOAD, STORE, VEC)                                                                 \
+    PREFILL_TASK(NAME, T, LOAD, STORE, VEC)                                                                      \
+    int NAME(const T *q, const T *k, const T *v, T *out, const int64_t *starts, const int64_t *lens,             \
+             int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t q_stride,      \
+             int64_t kv_stride, float scale, int num_threads) {                                                  \
+        if (head_dim != 64 && head_dim != 128) return -2;                                                        \
+        int64_t group = num_heads / num_kv_heads, longest = 1, tasks = 0;                                        \
+        for (int64_t i = 0; i < num_seqs; i++) {                                                                 \
+            longest = lens[i] > longest ? lens[i] : longest;                                                     \
+            tasks += num_kv_heads * ((lens[i] + QUERY_BLOCK - 1) / QUERY_BLOCK);                                 \
+        }                                                                                                        \
+        int64_t *task_seq = malloc(sizeof(int64_t) * (size_t)(2 * tasks)), *task_block = task_seq + tasks;      \
+        if (task_seq == NULL) return -1;                                                                         \
+        /* The last blocks (most keys) first, so the short ones fill in at the end. */                          \
+        int64_t n = 0;                                                                                           \
+        for (int64_t b = (longest + QUERY_BLOCK - 1) / QUERY_BLOCK - 1; b >= 0; b--)                             \
+            for (int64_t i = 0; i < num_seqs; i++)                                                               \
+                if (b * QUERY_BLOCK < lens[i])                                                                   \
+                    for (int64_t g = 0; g < num_kv_heads; g++, n++) task_seq[n] = i * num_kv_heads + g, task_block[n] = b; \
+        /* Every sequence's keys transposed once, [seq][kv head][D][round_up(len, 32)]. */                      \
+        int64_t *offsets = malloc(sizeof(int64_t) * (size_t)(num_seqs + 1));                                     \
+        if (offsets == NULL) return free(task_seq), -1;                                                          \
+        offsets[0] = 0;                                                                                          \
+        for (int64_t i = 0; i < num_seqs; i++)                                                                   \
+            offsets[i + 1] = offsets[i] + num_kv_heads * head_dim * round_up(lens[i], SCORE_KEYS);               \
+        float *keys_t = malloc(sizeof(float) * (size_t)offsets[num_seqs]);                                       \
+        if (keys_t == NULL) return free(offsets), free(task_seq), -1;                                            \
+        int64_t keys_pad = round_up(longest, SCORE_KEYS), rows = round_up(group * QUERY_BLOCK, SCORE_ROWS);       \
+        size_t floats = (size_t)(rows * head_dim + rows * keys_pad + rows * head_dim);                           \
+        int failed = 0;                                                                                          \
+        _Pragma("omp parallel num_threads(num_threads) reduction(| : failed)") {                                 \
+            float *buf = malloc(sizeof(float) * floats);                                                         \
+            failed = buf == NULL;                                                                                \
+            _Pragma("omp for schedule(dynamic, 1)") for (int64_t t = 0; t < num_seqs * num_kv_heads; t++) {      \
+                int64_t i = t / num_kv_heads, g = t % num_kv_heads, stride = round_up(lens[i], SCORE_KEYS);      \
+                NAME##_transpose(k, starts[i], lens[i], g, head_dim, kv_stride,                                  \
+                                 keys_t + offsets[i] + g * head_dim * stride);                                   \
+            }                                                                                                    \
+            _Pragma("omp for schedule(dynamic, 1)") for (int64_t t = 0; t < tasks; t++) {                        \
+                if (failed) continue;                                                                            \
+                int64_t i = task_seq[t] / num_kv_heads, g = task_seq[t] % num_kv_heads;                          \
+                int64_t p0 = task_block[t] * QUERY_BLOCK, p1 = p0 + QUERY_BLOCK < lens[i] ? p0 + QUERY_BLOCK : lens[i]; \
+                int64_t stride = round_up(lens[i], SCORE_KEYS);                                                  \
+                NAME##_task(q, keys_t + offsets[i] + g * head_dim * stride, stride, v, out, starts[i], p0, p1, g, \
+                            group, num_heads, head_dim, q_stride, kv_stride, scale, buf);                        \
+            }                                                                                                    \
+            free(buf);                                                                                           \
+        }                                                                                                        \
+        free(keys_t);                                                                                            \
+        free(offsets);                                                                                           \
+        free(task_seq);                                                                                          \
+        return failed ? -1 : 0;                                                                                  \
+    }
+
+PREFILL_KERNEL(prefill_attention, float, load_f32, store_f32, vec_f32)
+PREFILL_KERNEL(prefill_attention_bf16, uint16_t, load_bf16, store_bf16, vec_bf16)
 #endif

@@ -35,6 +35,11 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPI
 _RMS_NORM_ARGTYPES = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
 _ROPE_ARGTYPES = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int]
 _SILU_MUL_ARGTYPES = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+_PREFILL_ARGTYPES = (
+    [ctypes.c_void_p] * 6  # q, k, v, out, starts, lens
+    + [ctypes.c_int64] * 6  # num_seqs, num_heads, num_kv_heads, head_dim, q_stride, kv_stride
+    + [ctypes.c_float, ctypes.c_int]  # scale, num_threads
+)
 _PANEL_LINEAR_ARGTYPES = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
 _PAGED_DECODE_ARGTYPES = (
     [ctypes.c_void_p] * 6  # q, k_cache, v_cache, block_tables, context_lens, out
@@ -203,6 +208,71 @@ def load_panel_linear() -> PanelLinear | None:
     if _library() is None or not hasattr(_library(), "panel_linear"):
         return None
     return PanelLinear(_c_functions("panel_linear", _PANEL_LINEAR_ARGTYPES, ctypes.c_int))
+
+
+# The head sizes `PrefillAttention` serves.
+PREFILL_HEAD_DIMS = (64, 128)
+
+
+@dataclass(frozen=True)
+class PrefillAttention:
+    """The loaded `prefill_attention` C functions (AVX-512 CPUs), by dtype: causal attention of
+    prefill chunks that have nothing cached, reading q, k and v where they lie."""
+
+    fns: dict[torch.dtype, Callable[..., int]]
+
+    @staticmethod
+    def fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """q `[T, H, D]`, k and v `[T, Hkv, D]`: CPU, one dtype, heads contiguous within each row,
+        k and v rows alike, D 64 or 128."""
+        tensors = (q, k, v)
+        heads_contiguous = all(t.dim() == 3 and t.stride()[1:] == (t.shape[2], 1) for t in tensors)
+        return (
+            heads_contiguous
+            and q.dtype in KERNEL_DTYPES
+            and all(t.device.type == "cpu" and t.dtype == q.dtype for t in tensors)
+            and q.shape[2] in PREFILL_HEAD_DIMS
+            and k.shape == v.shape
+            and k.stride(0) == v.stride(0)
+            and q.shape[1] % k.shape[1] == 0
+        )
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        starts: torch.Tensor,
+        lens: torch.Tensor,
+        scale: float,
+        out: torch.Tensor,
+    ) -> None:
+        """Rows `[starts[i], starts[i] + lens[i])` of `out` `[T, H, D]` (contiguous) = causal
+        attention of those rows of q over the same rows of k and v (one sequence each)."""
+        if not self.fits(q, k, v) or not fits_kernel(out) or out.shape != q.shape or out.dtype != q.dtype:
+            raise ValueError(f"prefill_attention needs CPU q [T, H, D], k, v [T, Hkv, D] of one dtype with "
+                             f"contiguous heads, D in {PREFILL_HEAD_DIMS}, and a contiguous out like q; got q "
+                             f"{tuple(q.shape)} {q.dtype}, k {tuple(k.shape)}, out {tuple(out.shape)}")  # fmt: skip
+        for name, t in (("starts", starts), ("lens", lens)):
+            if t.device.type != "cpu" or t.dtype != torch.int64 or not t.is_contiguous() or t.shape != starts.shape:
+                raise ValueError(f"{name} must be a contiguous int64 CPU tensor, one entry per sequence")
+        if len(lens) and (int(lens.min()) < 1 or int(starts.min()) < 0 or int((starts + lens).max()) > len(q)):
+            raise ValueError(f"sequences (starts {starts.tolist()}, lens {lens.tolist()}) outside {len(q)} rows")
+        status = self.fns[q.dtype](
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), starts.data_ptr(), lens.data_ptr(),
+            len(starts), q.shape[1], k.shape[1], q.shape[2], q.stride(0), k.stride(0), scale, torch.get_num_threads(),
+        )  # fmt: skip
+        if status != 0:
+            raise MemoryError("prefill_attention: no memory for its buffers")
+
+
+@functools.cache
+def load_prefill_attention() -> PrefillAttention | None:
+    """The prefill attention kernels, built on first use; None when they cannot be built or the
+    CPU lacks AVX-512."""
+    if _library() is None or not hasattr(_library(), "prefill_attention"):
+        return None
+    return PrefillAttention(_c_functions("prefill_attention", _PREFILL_ARGTYPES, ctypes.c_int))
 
 
 @functools.cache

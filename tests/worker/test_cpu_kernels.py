@@ -148,6 +148,45 @@ def test_panel_linear_refuses_what_it_cannot_read():
     assert not kernel.fits(torch.randn(40, 16)) and kernel.fits(torch.randn(64, 16))
 
 
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2**-7)])
+@pytest.mark.parametrize("heads, kv_heads, dim", [(9, 3, 64), (8, 2, 128), (4, 4, 64)])
+def test_prefill_attention_equals_causal_sdpa(dtype, tolerance, heads, kv_heads, dim):
+    """Sequences of 1 token, under a query block, several blocks, over a key tile, over a softmax
+    vector, packed with two decode rows between them that the kernel leaves alone."""
+    kernel = cpu_kernels.load_prefill_attention()
+    if kernel is None:
+        pytest.skip("no C compiler or no AVX-512: prefill attention keeps SDPA")
+    lens, gap = [1, 5, 8, 33, 70], 2
+    starts = [sum(lens[:i]) + gap * i for i in range(len(lens))]
+    g = torch.Generator().manual_seed(dim)
+    qkv = torch.randn(starts[-1] + lens[-1], heads + 2 * kv_heads, dim, generator=g).to(dtype)
+    q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=1)  # strided rows, as the fused projection leaves them
+    out = torch.full(q.shape, 7.0, dtype=dtype)
+    scale = 1.1 / dim**0.5
+    kernel(q, k, v, torch.tensor(starts), torch.tensor(lens), scale, out)
+    for start, n in zip(starts, lens):
+        rows = slice(start, start + n)
+        qc, kc, vc = (t[rows].transpose(0, 1)[None] for t in (q, k, v))
+        expected = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, scale=scale, enable_gqa=True)
+        expected = expected[0].transpose(0, 1).float()
+        assert ((out[rows].float() - expected).abs() <= tolerance * expected.abs().clamp(min=1)).all()
+        assert (out[start + n : start + n + gap] == 7.0).all()
+
+
+def test_prefill_attention_refuses_what_it_cannot_read():
+    kernel = cpu_kernels.load_prefill_attention()
+    if kernel is None:
+        pytest.skip("no C compiler or no AVX-512: prefill attention keeps SDPA")
+    q, kv = torch.randn(4, 2, 64), torch.randn(4, 1, 64)
+    one = torch.tensor([0]), torch.tensor([4])
+    assert not kernel.fits(torch.randn(4, 2, 16), torch.randn(4, 1, 16), torch.randn(4, 1, 16))
+    assert not kernel.fits(q.transpose(0, 1).contiguous().transpose(0, 1), kv, kv)  # heads not contiguous
+    with pytest.raises(ValueError, match="prefill_attention needs"):
+        kernel(q, kv, kv, *one, 0.1, torch.empty(4, 2, 64, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="outside 4 rows"):
+        kernel(q, kv, kv, torch.tensor([2]), torch.tensor([3]), 0.1, torch.empty_like(q))
+
+
 def random_tables(lens: list[int], generator: torch.Generator) -> torch.Tensor:
     """Each sequence gets distinct, shuffled (non-sequential) block ids; rows padded with block 0."""
     needed = [-(-n // BLOCK) for n in lens]

@@ -7,6 +7,7 @@ import transformers
 
 from protocol.messages import SamplingParams
 from worker import llama
+from tests.tiny_models import save_tiny_model, tiny_config
 from tests.worker.worker_testutil import Req, ToyCore, make_runner, prompt, reference_generate
 
 MAX_NEW = 6
@@ -84,6 +85,18 @@ def check_bf16_against_transformers(folder: str, reqs: list[Req], native: bool =
             compared += 1
             tokens.append(ours)
     return compared
+
+
+def test_head_dim_64_runs_the_vector_kernels(tmp_path):
+    """head_dim 64 (SmolLM2's): prefill attention, the decode passes and the panel projections of
+    the AVX-512 CPU path, on fresh prompts, chunks over cached tokens and decodes beside them."""
+    folder = str(save_tiny_model(tiny_config("llama", heads=6, kv_heads=2, head_dim=64), tmp_path / "d64"))
+    reqs = [
+        Req("fresh", prompt(21, 40), MAX_NEW),
+        Req("chunked", prompt(22, 23), MAX_NEW, chunk=9),
+        Req("late", prompt(23, 12), MAX_NEW, arrival=2),
+    ]
+    check_greedy(folder, reqs)
 
 
 def test_prefix_shared_through_block_ids(llama_folder):
