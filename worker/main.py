@@ -15,6 +15,7 @@ from protocol.process import configure_logging, make_socket, set_process_title, 
 from protocol.step import CoreToWorker, Shutdown, StepPlan, StepResult, WorkerReady
 from worker import parallel
 from worker.commands import WorkerCommands, one_line
+from worker.host_memory import keep_freed_memory
 from worker.interrupts import InterruptWatcher
 from worker.kv_cache import allocate_kv_cache, kv_shape, max_model_len_for, num_blocks_for, torch_dtype
 from worker.model_loader import check_model_config, load_model
@@ -65,6 +66,8 @@ def _start(
     num_blocks = parallel.min_across_ranks(num_blocks_for(config, model_config, tp_size), device)
     shape = kv_shape(model_config, tp_size)
     kv_cache = allocate_kv_cache(num_blocks, config.block_size, shape, dtype, device)
+    if device.type == "cpu":  # the weights and the cache keep their own mappings; steps reuse the heap
+        keep_freed_memory()
     max_len = max_model_len_for(config.max_model_len, model_config, num_blocks, config.block_size)
     # transformers shards the model for tensor parallelism; the native forward runs one rank.
     runner = ModelRunner(model, kv_cache, device, is_driver=rank == 0, native=tp_size == 1, interrupts=interrupts)

@@ -15,6 +15,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from protocol.weights import SleepTag
+from worker.host_memory import return_freed_memory
 from worker.kv_cache import KVCache
 from worker.weights import ModelWeights, Target, WeightError
 
@@ -62,6 +63,8 @@ class DeviceMemory:
             self.asleep.add("weights")
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # give the freed memory back to the driver, for other processes
+        else:
+            return_freed_memory()  # the heap keeps freed blocks (`worker.host_memory`)
         logger.info("asleep: %s", ", ".join(sorted(self.asleep)))
 
     def wake(self, tags: list[SleepTag]) -> None:
