@@ -9,7 +9,7 @@ together with `module.layer_idx`. Per layer:
        each sequence's K/V blocks in place; elsewhere (CUDA, other dtypes, no C compiler) one
        batched SDPA over K/V gathered by slot, padded to the longest context, padding masked out;
     3. prefill chunks: the chunk's earlier cached tokens are all visible, its own tokens
-       causally. Chunks with nothing cached go to the C kernel at once on AVX-512 CPUs (head_dim
+       causally. Chunks with nothing cached go to the C kernel at once on AVX-512 or AVX2 CPUs (head_dim
        64 or 128), reading q/k/v where they lie; the others, each its own SDPA.
 
 The gather indices and masks are built once per step (`build_metadata`) and shared by all layers.

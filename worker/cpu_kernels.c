@@ -97,87 +97,131 @@ struct seq {
         for (int64_t slot = (s)->blocks[block_] * (s)->block_size, end_ = slot + (s)->block_size; \
              slot < end_ && t < (s)->len; slot++, t++)
 
-#if defined(__AVX512F__)
+/* One vector of fp32 lanes: a zmm register on AVX-512 CPUs (32 of them), a ymm one on AVX2 + FMA
+ * CPUs (16). The vector kernels below are written in these terms, their tiles sized by
+ * VEC_REGISTERS; without either instruction set they are left out (HAVE_VECTORS undefined) and the
+ * scalar code or torch serves. */
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#define HAVE_VECTORS
 #include <immintrin.h>
-/* 16 values at p, widened to fp32 in the register. */
-static inline __m512 vec_f32(const float *p) { return _mm512_loadu_ps(p); }
-static inline __m512 vec_bf16(const uint16_t *p) {
-    __m256i half = _mm256_loadu_si256((const __m256i *)p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-}
 #endif
 
 #if defined(__AVX512F__)
-#define HEADS_PER_VALUE_PASS 3 /* 3 x 8 sums in registers at head_dim 128 */
-/* One pass for a head of N vectors (a constant, so the arrays stay in registers). */
-#define DECODE_VECTOR_PASSES_OF(NAME, T, VEC, N)                                                                 \
-    static void NAME##_scores_##N(float *p, const float *q, const T *k_cache, const struct seq *s, float scale) { \
+#define VEC_WIDTH 16
+#define VEC_REGISTERS 32
+typedef __m512 vfloat;
+static inline vfloat vzero(void) { return _mm512_setzero_ps(); }
+static inline vfloat vset1(float v) { return _mm512_set1_ps(v); }
+static inline vfloat vload(const float *p) { return _mm512_loadu_ps(p); }
+static inline void vstore(float *p, vfloat v) { _mm512_storeu_ps(p, v); }
+static inline vfloat vadd(vfloat a, vfloat b) { return _mm512_add_ps(a, b); }
+static inline vfloat vmul(vfloat a, vfloat b) { return _mm512_mul_ps(a, b); }
+static inline vfloat vfmadd(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float vsum(vfloat v) { return _mm512_reduce_add_ps(v); }
+/* VEC_WIDTH bf16 values at p, widened to fp32 in the register. */
+static inline vfloat vload_bf16(const uint16_t *p) {
+    __m256i half = _mm256_loadu_si256((const __m256i *)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+#elif defined(HAVE_VECTORS)
+#define VEC_WIDTH 8
+#define VEC_REGISTERS 16
+typedef __m256 vfloat;
+static inline vfloat vzero(void) { return _mm256_setzero_ps(); }
+static inline vfloat vset1(float v) { return _mm256_set1_ps(v); }
+static inline vfloat vload(const float *p) { return _mm256_loadu_ps(p); }
+static inline void vstore(float *p, vfloat v) { _mm256_storeu_ps(p, v); }
+static inline vfloat vadd(vfloat a, vfloat b) { return _mm256_add_ps(a, b); }
+static inline vfloat vmul(vfloat a, vfloat b) { return _mm256_mul_ps(a, b); }
+static inline vfloat vfmadd(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
+static inline float vsum(vfloat v) {
+    __m128 pair = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    pair = _mm_add_ps(pair, _mm_movehl_ps(pair, pair));
+    return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
+}
+static inline vfloat vload_bf16(const uint16_t *p) {
+    __m128i half = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+#endif
+
+#if defined(HAVE_VECTORS)
+/* Query heads of one KV head whose outputs sum in registers at once for head size D: up to 3
+ * (3 x 8 zmm at 128) while their sums leave two registers free. */
+#define VALUE_HEADS(D)                                                                                           \
+    (3 * ((D) / VEC_WIDTH) + 2 <= VEC_REGISTERS ? 3 : 2 * ((D) / VEC_WIDTH) + 2 <= VEC_REGISTERS ? 2 : 1)
+/* One pass for a head of D values, D / VEC_WIDTH vectors (a constant, so the arrays stay in
+ * registers). */
+#define DECODE_VECTOR_PASSES_OF(NAME, T, VEC, D)                                                                 \
+    static void NAME##_scores_##D(float *p, const float *q, const T *k_cache, const struct seq *s, float scale) { \
         FOR_EACH_TOKEN(s, t, slot) {                                                                             \
             const T *row = k_cache + slot * s->row;                                                              \
             for (int64_t g = 0; g < s->num_heads / s->group; g++) {                                              \
-                __m512 k[N];                                                                                     \
-                _Pragma("GCC unroll 16") for (int i = 0; i < N; i++) k[i] = VEC(row + g * s->head_dim + 16 * i); \
+                vfloat k[D / VEC_WIDTH];                                                                         \
+                _Pragma("GCC unroll 16") for (int i = 0; i < D / VEC_WIDTH; i++) k[i] =                          \
+                    VEC(row + g * D + VEC_WIDTH * i);                                                            \
                 for (int64_t h = g * s->group; h < (g + 1) * s->group; h++) {                                    \
-                    const float *qh = q + h * s->head_dim;                                                       \
-                    __m512 sum = _mm512_mul_ps(k[0], _mm512_loadu_ps(qh));                                       \
-                    _Pragma("GCC unroll 16") for (int i = 1; i < N; i++) sum =                                   \
-                        _mm512_fmadd_ps(k[i], _mm512_loadu_ps(qh + 16 * i), sum);                                \
-                    p[h * s->len + t] = _mm512_reduce_add_ps(sum) * scale;                                       \
+                    const float *qh = q + h * D;                                                                 \
+                    vfloat sum = vmul(k[0], vload(qh));                                                          \
+                    _Pragma("GCC unroll 16") for (int i = 1; i < D / VEC_WIDTH; i++) sum =                       \
+                        vfmadd(k[i], vload(qh + VEC_WIDTH * i), sum);                                            \
+                    p[h * s->len + t] = vsum(sum) * scale;                                                       \
                 }                                                                                                \
             }                                                                                                    \
         }                                                                                                        \
     }                                                                                                            \
     /* Query heads [h0, h0 + heads) of one KV head: each V row read once for them all. */                    \
-    static inline __attribute__((always_inline)) void NAME##_values_##N##_of(                                   \
+    static inline __attribute__((always_inline)) void NAME##_values_##D##_of(                                   \
         float *acc, const float *p, const T *v_cache, const struct seq *s, int64_t h0, int heads) {             \
-        const T *column = v_cache + h0 / s->group * s->head_dim;                                                 \
-        __m512 out[HEADS_PER_VALUE_PASS][N];                                                                     \
+        const T *column = v_cache + h0 / s->group * D;                                                           \
+        vfloat out[3][D / VEC_WIDTH];                                                                            \
         _Pragma("GCC unroll 3") for (int j = 0; j < heads; j++)                                                  \
-            _Pragma("GCC unroll 16") for (int i = 0; i < N; i++) out[j][i] = _mm512_setzero_ps();               \
+            _Pragma("GCC unroll 16") for (int i = 0; i < D / VEC_WIDTH; i++) out[j][i] = vzero();                \
         FOR_EACH_TOKEN(s, t, slot) {                                                                             \
             const T *vh = column + slot * s->row;                                                                \
-            __m512 v[N];                                                                                         \
-            _Pragma("GCC unroll 16") for (int i = 0; i < N; i++) v[i] = VEC(vh + 16 * i);                        \
+            vfloat v[D / VEC_WIDTH];                                                                             \
+            _Pragma("GCC unroll 16") for (int i = 0; i < D / VEC_WIDTH; i++) v[i] = VEC(vh + VEC_WIDTH * i);     \
             _Pragma("GCC unroll 3") for (int j = 0; j < heads; j++) {                                            \
-                __m512 weight = _mm512_set1_ps(p[(h0 + j) * s->len + t]);                                        \
-                _Pragma("GCC unroll 16") for (int i = 0; i < N; i++) out[j][i] = _mm512_fmadd_ps(weight, v[i], out[j][i]); \
+                vfloat weight = vset1(p[(h0 + j) * s->len + t]);                                                 \
+                _Pragma("GCC unroll 16") for (int i = 0; i < D / VEC_WIDTH; i++) out[j][i] =                     \
+                    vfmadd(weight, v[i], out[j][i]);                                                             \
             }                                                                                                    \
         }                                                                                                        \
         _Pragma("GCC unroll 3") for (int j = 0; j < heads; j++)                                                  \
-            _Pragma("GCC unroll 16") for (int i = 0; i < N; i++)                                                 \
-                _mm512_storeu_ps(acc + (h0 + j) * s->head_dim + 16 * i, out[j][i]);                              \
+            _Pragma("GCC unroll 16") for (int i = 0; i < D / VEC_WIDTH; i++)                                     \
+                vstore(acc + (h0 + j) * D + VEC_WIDTH * i, out[j][i]);                                           \
     }                                                                                                            \
-    static void NAME##_values_##N(float *acc, const float *p, const T *v_cache, const struct seq *s) {           \
+    static void NAME##_values_##D(float *acc, const float *p, const T *v_cache, const struct seq *s) {           \
         for (int64_t h = 0; h < s->num_heads;) {                                                                 \
             int64_t group_end = (h / s->group + 1) * s->group, heads = group_end - h;                            \
-            heads = heads < HEADS_PER_VALUE_PASS ? heads : HEADS_PER_VALUE_PASS;                                 \
-            if (heads == 3) NAME##_values_##N##_of(acc, p, v_cache, s, h, 3);                                    \
-            else if (heads == 2) NAME##_values_##N##_of(acc, p, v_cache, s, h, 2);                               \
-            else NAME##_values_##N##_of(acc, p, v_cache, s, h, 1);                                               \
+            heads = heads < VALUE_HEADS(D) ? heads : VALUE_HEADS(D);                                             \
+            if (heads == 3) NAME##_values_##D##_of(acc, p, v_cache, s, h, 3);                                    \
+            else if (heads == 2) NAME##_values_##D##_of(acc, p, v_cache, s, h, 2);                               \
+            else NAME##_values_##D##_of(acc, p, v_cache, s, h, 1);                                               \
             h += heads;                                                                                          \
         }                                                                                                        \
     }
 
-/* head_dim 64 or 128 (4 or 8 vectors): a head's K or V row is held in registers, widened there;
- * a score is one register's sum, and up to 3 query heads of a KV head sum their outputs in
- * registers over the tokens, each V row read once for them. Else 0: the scalar passes serve.
- * Against the scalar passes: 22.7 -> 17.2 ms fp32, 19.5 -> 13.0 ms bf16 (SmolLM2's 30 layers,
+/* head_dim 64 or 128: a head's K or V row is held in registers, widened there; a score is one
+ * register's sum, and up to VALUE_HEADS query heads of a KV head sum their outputs in registers
+ * over the tokens, each V row read once for them. Else 0: the scalar passes serve. Against the
+ * scalar passes on AVX-512: 22.7 -> 17.2 ms fp32, 19.5 -> 13.0 ms bf16 (SmolLM2's 30 layers,
  * 20 sequences of 250 tokens). */
 #define DECODE_VECTOR_PASSES(NAME, T, VEC)                                                                       \
-    DECODE_VECTOR_PASSES_OF(NAME, T, VEC, 4)                                                                     \
-    DECODE_VECTOR_PASSES_OF(NAME, T, VEC, 8)                                                                     \
+    DECODE_VECTOR_PASSES_OF(NAME, T, VEC, 64)                                                                    \
+    DECODE_VECTOR_PASSES_OF(NAME, T, VEC, 128)                                                                   \
     static int NAME##_vector_scores(float *p, const float *q, const T *k_cache, const struct seq *s,            \
                                     float scale) {                                                               \
         switch (s->head_dim) {                                                                                   \
-            case 64: NAME##_scores_4(p, q, k_cache, s, scale); return 1;                                         \
-            case 128: NAME##_scores_8(p, q, k_cache, s, scale); return 1;                                        \
+            case 64: NAME##_scores_64(p, q, k_cache, s, scale); return 1;                                        \
+            case 128: NAME##_scores_128(p, q, k_cache, s, scale); return 1;                                      \
             default: return 0;                                                                                   \
         }                                                                                                        \
     }                                                                                                            \
     static int NAME##_vector_values(float *acc, const float *p, const T *v_cache, const struct seq *s) {         \
         switch (s->head_dim) {                                                                                   \
-            case 64: NAME##_values_4(acc, p, v_cache, s); return 1;                                              \
-            case 128: NAME##_values_8(acc, p, v_cache, s); return 1;                                             \
+            case 64: NAME##_values_64(acc, p, v_cache, s); return 1;                                             \
+            case 128: NAME##_values_128(acc, p, v_cache, s); return 1;                                           \
             default: return 0;                                                                                   \
         }                                                                                                        \
     }
@@ -254,8 +298,8 @@ static inline __m512 vec_bf16(const uint16_t *p) {
     }
 
 /* Each returns 0, or -1 when a score buffer could not be allocated (out is then incomplete). */
-DECODE_KERNEL(paged_decode_attention, float, load_f32, store_f32, row_f32, vec_f32)
-DECODE_KERNEL(paged_decode_attention_bf16, uint16_t, load_bf16, store_bf16, row_bf16, vec_bf16)
+DECODE_KERNEL(paged_decode_attention, float, load_f32, store_f32, row_f32, vload)
+DECODE_KERNEL(paged_decode_attention_bf16, uint16_t, load_bf16, store_bf16, row_bf16, vload_bf16)
 
 /* RMSNorm of `rows` contiguous rows of `hidden` elements: transformers' formula, the sum in fp32.
  * In fp32 out = weight * (x / sqrt(mean(x^2) + eps)); in bf16 the normalised value is rounded to
@@ -335,59 +379,74 @@ SILU_MUL_KERNEL(silu_mul_bf16, uint16_t, load_bf16, store_bf16, round_bf16)
 
 /* Linear layers of few rows (decode batches): out [rows, n] = x [rows, k] . W^T + bias, with W in
  * column panels, [n / 32][k][32] (`panels`): 32 output columns of one k are one contiguous run.
- * A tile of up to 12 rows x 32 columns sums in 24 AVX-512 registers, one fp32 FMA per weight
- * vector and row; bf16 weights are widened in the register (exact), so bf16 reads half the bytes
- * at the fp32 FMA rate (this CPU's bf16 dot-product instruction runs at half that rate). k is
+ * A tile of TILE_ROWS rows x 2 vectors of columns sums in registers (12 x 32 columns in 24 zmm on
+ * AVX-512, 6 x 16 in 12 ymm on AVX2, two such tiles a panel), one fp32 FMA per weight vector and
+ * row; bf16 weights are widened in the register (exact), so bf16 reads half the bytes at the fp32
+ * FMA rate (an AVX512-BF16 Xeon's bf16 dot-product instruction runs at half that rate). k is
  * walked in chunks that keep the panel's slice in L1 while every row block reads it, the next
  * slices prefetched from memory by the first. Every product and sum in fp32.
- * oneDNN took 1.3-1.5x as long on SmolLM2's decode shapes (bf16), 1.0-1.3x (fp32). */
-#if defined(__AVX512F__)
+ * oneDNN took 1.3-1.5x as long on SmolLM2's decode shapes (bf16), 1.0-1.3x (fp32), on AVX-512. */
+#if defined(HAVE_VECTORS)
 #define PANEL 32
+#define TILE_COLUMNS (2 * VEC_WIDTH)
+#if VEC_REGISTERS == 32
 #define TILE_ROWS 12
+#else
+#define TILE_ROWS 6
+#endif
 #define K_CHUNK 128
 #define PREFETCH_AHEAD 8192 /* weight elements, into L2 (more misses in flight than L1 takes) */
 
-/* Rows [0, rows) of x (k apart) times one panel over k in [k0, k1), summed from zero and added to
- * `sums` [rows][PANEL] (stored there when `first`): sums of K_CHUNK products, then of the chunks,
- * keep the rounding error near a blocked GEMM's (one running sum over k had 2-3x MKL's). */
+/* Rows [0, rows) of x (k apart) times TILE_COLUMNS columns of a panel (`panel` at the first) over
+ * k in [k0, k1), summed from zero and added to `sums` [rows][PANEL] (stored there when `first`):
+ * sums of K_CHUNK products, then of the chunks, keep the rounding error near a blocked GEMM's (one
+ * running sum over k had 2-3x MKL's). */
 #define PANEL_TILE(NAME, T, VEC)                                                                                 \
     static inline __attribute__((always_inline)) void NAME(const float *x, int64_t k, int64_t k0, int64_t k1,   \
                                                            const T *panel, float *sums, int rows, int first,     \
                                                            int prefetch) {                                       \
-        __m512 lo[TILE_ROWS], hi[TILE_ROWS];                                                                     \
-        _Pragma("GCC unroll 12") for (int m = 0; m < rows; m++) lo[m] = hi[m] = _mm512_setzero_ps();             \
+        vfloat lo[TILE_ROWS], hi[TILE_ROWS];                                                                     \
+        _Pragma("GCC unroll 12") for (int m = 0; m < rows; m++) lo[m] = hi[m] = vzero();                         \
         for (int64_t j = k0; j < k1; j++) {                                                                      \
             const T *w = panel + j * PANEL;                                                                      \
             if (prefetch) {                                                                                      \
                 _mm_prefetch((const char *)(w + PREFETCH_AHEAD), _MM_HINT_T1);                                   \
                 if (sizeof(T) == 4) _mm_prefetch((const char *)(w + PREFETCH_AHEAD + 16), _MM_HINT_T1);          \
             }                                                                                                    \
-            __m512 w_lo = VEC(w), w_hi = VEC(w + 16);                                                            \
+            vfloat w_lo = VEC(w), w_hi = VEC(w + VEC_WIDTH);                                                     \
             _Pragma("GCC unroll 12") for (int m = 0; m < rows; m++) {                                            \
-                __m512 xm = _mm512_set1_ps(x[m * k + j]);                                                        \
-                lo[m] = _mm512_fmadd_ps(xm, w_lo, lo[m]);                                                        \
-                hi[m] = _mm512_fmadd_ps(xm, w_hi, hi[m]);                                                        \
+                vfloat xm = vset1(x[m * k + j]);                                                                 \
+                lo[m] = vfmadd(xm, w_lo, lo[m]);                                                                 \
+                hi[m] = vfmadd(xm, w_hi, hi[m]);                                                                 \
             }                                                                                                    \
         }                                                                                                        \
         _Pragma("GCC unroll 12") for (int m = 0; m < rows; m++) {                                                \
             float *row = sums + m * PANEL;                                                                       \
-            _mm512_storeu_ps(row, first ? lo[m] : _mm512_add_ps(_mm512_loadu_ps(row), lo[m]));                   \
-            _mm512_storeu_ps(row + 16, first ? hi[m] : _mm512_add_ps(_mm512_loadu_ps(row + 16), hi[m]));         \
+            vstore(row, first ? lo[m] : vadd(vload(row), lo[m]));                                                \
+            vstore(row + VEC_WIDTH, first ? hi[m] : vadd(vload(row + VEC_WIDTH), hi[m]));                        \
         }                                                                                                        \
     }
 
-PANEL_TILE(panel_tile_f32, float, vec_f32)
-PANEL_TILE(panel_tile_bf16, uint16_t, vec_bf16)
+PANEL_TILE(panel_tile_f32, float, vload)
+PANEL_TILE(panel_tile_bf16, uint16_t, vload_bf16)
 
 /* The tile for `rows` rows, a constant in each case so the register arrays unroll. */
 #define TILE_CASE(TILE, R) \
     case R: TILE(x, k, k0, k1, panel, sums, R, first, prefetch); break;
+#if TILE_ROWS == 12
 #define PANEL_TILE_SWITCH(TILE, rows)                                                                            \
     switch (rows) {                                                                                              \
         TILE_CASE(TILE, 1) TILE_CASE(TILE, 2) TILE_CASE(TILE, 3) TILE_CASE(TILE, 4) TILE_CASE(TILE, 5)           \
         TILE_CASE(TILE, 6) TILE_CASE(TILE, 7) TILE_CASE(TILE, 8) TILE_CASE(TILE, 9) TILE_CASE(TILE, 10)          \
         TILE_CASE(TILE, 11) TILE_CASE(TILE, 12)                                                                  \
     }
+#else
+#define PANEL_TILE_SWITCH(TILE, rows)                                                                            \
+    switch (rows) {                                                                                              \
+        TILE_CASE(TILE, 1) TILE_CASE(TILE, 2) TILE_CASE(TILE, 3) TILE_CASE(TILE, 4) TILE_CASE(TILE, 5)           \
+        TILE_CASE(TILE, 6)                                                                                       \
+    }
+#endif
 
 static void panel_rows(const float *x_all, int64_t m, int64_t k, const void *panel_any, float *sums_all,
                        int bf16) {
@@ -395,19 +454,20 @@ static void panel_rows(const float *x_all, int64_t m, int64_t k, const void *pan
     for (int64_t k0 = 0; k0 < k; k0 += K_CHUNK) {
         int64_t k1 = k0 + K_CHUNK < k ? k0 + K_CHUNK : k;
         int first = k0 == 0;
-        for (int64_t b = 0; b < blocks; b++) {
-            int64_t r0 = m * b / blocks, r1 = m * (b + 1) / blocks;
-            const float *x = x_all + r0 * k;
-            float *sums = sums_all + r0 * PANEL;
-            int prefetch = b == 0;
-            if (bf16) {
-                const uint16_t *panel = panel_any;
-                PANEL_TILE_SWITCH(panel_tile_bf16, (int)(r1 - r0))
-            } else {
-                const float *panel = panel_any;
-                PANEL_TILE_SWITCH(panel_tile_f32, (int)(r1 - r0))
+        for (int64_t b = 0; b < blocks; b++)
+            for (int64_t c0 = 0; c0 < PANEL; c0 += TILE_COLUMNS) {
+                int64_t r0 = m * b / blocks, r1 = m * (b + 1) / blocks;
+                const float *x = x_all + r0 * k;
+                float *sums = sums_all + r0 * PANEL + c0;
+                int prefetch = b == 0 && c0 == 0;
+                if (bf16) {
+                    const uint16_t *panel = (const uint16_t *)panel_any + c0;
+                    PANEL_TILE_SWITCH(panel_tile_bf16, (int)(r1 - r0))
+                } else {
+                    const float *panel = (const float *)panel_any + c0;
+                    PANEL_TILE_SWITCH(panel_tile_f32, (int)(r1 - r0))
+                }
             }
-        }
     }
 }
 
@@ -450,66 +510,73 @@ PANEL_LINEAR(panel_linear_bf16, uint16_t, load_bf16, store_bf16, 1)
  * [starts[i], starts[i] + lens[i]) of q [., num_heads, D], k and v [., num_kv_heads, D] (rows
  * q_stride and kv_stride elements apart: views into the fused q/k/v output) and out (contiguous
  * [., num_heads, D]). A task is a block of QUERY_BLOCK positions of one sequence for the query
- * heads of one KV head: their keys, transposed into a buffer, feed 12 x 32 tiles of scores
- * (vertical FMAs over the keys, one running sum per score over D, in order); each row's softmax
- * is two-pass as in the decode kernel; the values then sum in tiles of 24 registers, each V row
- * read once per tile. Every product and sum in fp32. SDPA's CPU kernel ran 55-80 GFLOP/s on
- * SmolLM2's prefill shapes. */
-#if defined(__AVX512F__)
+ * heads of one KV head: their keys, transposed into a buffer, feed tiles of SCORE_ROWS x 2
+ * vectors of scores (12 x 32 on AVX-512, 6 x 16 on AVX2; vertical FMAs over the keys, one running
+ * sum per score over D, in order); each row's softmax is two-pass as in the decode kernel; the
+ * values then sum in tiles of VALUE_ROWS x 4 vectors, each V row's slice read once per tile. Every
+ * product and sum in fp32. SDPA's CPU kernel ran 55-80 GFLOP/s on SmolLM2's prefill shapes. */
+#if defined(HAVE_VECTORS)
 #define QUERY_BLOCK 8
+#if VEC_REGISTERS == 32
 #define SCORE_ROWS 12
-#define SCORE_KEYS 32
+#else
+#define SCORE_ROWS 6
+#endif
+#define SCORE_KEYS (2 * VEC_WIDTH)
+#define VALUE_ROWS (SCORE_ROWS / 2)
+#define VALUE_COLUMNS (4 * VEC_WIDTH)
 
 static inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
 
-/* scores [SCORE_ROWS][keys_pad] columns [k0, k0 + 32) = scale * queries [SCORE_ROWS][D] . keys_t
- * [D][keys_stride] */
+/* scores [SCORE_ROWS][keys_pad] columns [k0, k0 + SCORE_KEYS) = scale * queries [SCORE_ROWS][D] .
+ * keys_t [D][keys_stride] */
 static void score_tile(const float *queries, const float *keys_t, int64_t head_dim, int64_t keys_stride,
                        int64_t keys_pad, int64_t k0, float scale, float *scores) {
-    __m512 lo[SCORE_ROWS], hi[SCORE_ROWS];
+    vfloat lo[SCORE_ROWS], hi[SCORE_ROWS];
 #pragma GCC unroll 12
-    for (int r = 0; r < SCORE_ROWS; r++) lo[r] = hi[r] = _mm512_setzero_ps();
+    for (int r = 0; r < SCORE_ROWS; r++) lo[r] = hi[r] = vzero();
     for (int64_t d = 0; d < head_dim; d++) {
         const float *keys = keys_t + d * keys_stride + k0;
-        __m512 k_lo = _mm512_loadu_ps(keys), k_hi = _mm512_loadu_ps(keys + 16);
+        vfloat k_lo = vload(keys), k_hi = vload(keys + VEC_WIDTH);
 #pragma GCC unroll 12
         for (int r = 0; r < SCORE_ROWS; r++) {
-            __m512 qd = _mm512_set1_ps(queries[r * head_dim + d]);
-            lo[r] = _mm512_fmadd_ps(qd, k_lo, lo[r]);
-            hi[r] = _mm512_fmadd_ps(qd, k_hi, hi[r]);
+            vfloat qd = vset1(queries[r * head_dim + d]);
+            lo[r] = vfmadd(qd, k_lo, lo[r]);
+            hi[r] = vfmadd(qd, k_hi, hi[r]);
         }
     }
-    __m512 s = _mm512_set1_ps(scale);
+    vfloat s = vset1(scale);
 #pragma GCC unroll 12
     for (int r = 0; r < SCORE_ROWS; r++) {
-        _mm512_storeu_ps(scores + r * keys_pad + k0, _mm512_mul_ps(lo[r], s));
-        _mm512_storeu_ps(scores + r * keys_pad + k0 + 16, _mm512_mul_ps(hi[r], s));
+        vstore(scores + r * keys_pad + k0, vmul(lo[r], s));
+        vstore(scores + r * keys_pad + k0 + VEC_WIDTH, vmul(hi[r], s));
     }
 }
 
-/* out rows [R][N * 16] = probs [R][keys_pad] (zero past each row's last key) . v rows [keys] */
-#define VALUE_TILE(NAME, T, VEC, N, R)                                                                            \
+/* Columns [c0, c0 + VALUE_COLUMNS) of out rows [VALUE_ROWS][head_dim] = probs [VALUE_ROWS]
+ * [keys_pad] (zero past each row's last key) . v rows [keys] */
+#define VALUE_TILE(NAME, T, VEC)                                                                                  \
     static void NAME(const float *probs, int64_t keys_pad, int64_t keys, const T *v, int64_t kv_stride,          \
-                     float *outs) {                                                                              \
-        __m512 acc[R][N];                                                                                        \
-        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                                      \
-            _Pragma("GCC unroll 8") for (int i = 0; i < N; i++) acc[r][i] = _mm512_setzero_ps();                 \
+                     int64_t head_dim, int64_t c0, float *outs) {                                                \
+        vfloat acc[VALUE_ROWS][4];                                                                               \
+        _Pragma("GCC unroll 8") for (int r = 0; r < VALUE_ROWS; r++)                                             \
+            _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) acc[r][i] = vzero();                             \
         for (int64_t j = 0; j < keys; j++) {                                                                     \
-            __m512 vj[N];                                                                                        \
-            _Pragma("GCC unroll 8") for (int i = 0; i < N; i++) vj[i] = VEC(v + j * kv_stride + 16 * i);          \
-            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                                \
-                __m512 p = _mm512_set1_ps(probs[r * keys_pad + j]);                                              \
-                _Pragma("GCC unroll 8") for (int i = 0; i < N; i++) acc[r][i] = _mm512_fmadd_ps(p, vj[i], acc[r][i]); \
+            vfloat vj[4];                                                                                        \
+            _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) vj[i] = VEC(v + j * kv_stride + c0 + VEC_WIDTH * i); \
+            _Pragma("GCC unroll 8") for (int r = 0; r < VALUE_ROWS; r++) {                                       \
+                vfloat p = vset1(probs[r * keys_pad + j]);                                                       \
+                _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) acc[r][i] = vfmadd(p, vj[i], acc[r][i]);     \
             }                                                                                                    \
         }                                                                                                        \
-        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                                      \
-            _Pragma("GCC unroll 8") for (int i = 0; i < N; i++) _mm512_storeu_ps(outs + r * N * 16 + 16 * i, acc[r][i]); \
+        _Pragma("GCC unroll 8") for (int r = 0; r < VALUE_ROWS; r++)                                             \
+            _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++)                                                  \
+                vstore(outs + r * head_dim + c0 + VEC_WIDTH * i, acc[r][i]);                                     \
     }
 
 /* One task: the query heads of KV head g at positions [p0, p1) of a sequence starting at row `start`. */
 #define PREFILL_TASK(NAME, T, LOAD, STORE, VEC)                                                                   \
-    VALUE_TILE(NAME##_values_4, T, VEC, 4, 6)                                                                    \
-    VALUE_TILE(NAME##_values_8, T, VEC, 8, 3)                                                                    \
+    VALUE_TILE(NAME##_values, T, VEC)                                                                            \
     /* keys_t [D][keys_pad]: KV head g's keys of the sequence at row `start`, transposed, zero padded. */    \
     static void NAME##_transpose(const T *k, int64_t start, int64_t len, int64_t g, int64_t head_dim,            \
                                  int64_t kv_stride, float *keys_t) {                                             \
@@ -521,7 +588,7 @@ static void score_tile(const float *queries, const float *keys_t, int64_t head_d
             for (int64_t j = len; j < keys_pad; j++) dst[j] = 0.0f;                                              \
         }                                                                                                        \
     }                                                                                                            \
-    /* Its keys_t rows are keys_stride apart; scores over the first round_up(p1, 32) keys. */                   \
+    /* Its keys_t rows are keys_stride apart; scores over the first round_up(p1, SCORE_KEYS) keys. */    \
     static void NAME##_task(const T *q, const float *keys_t, int64_t keys_stride, const T *v, T *out,            \
                             int64_t start, int64_t p0, int64_t p1, int64_t g, int64_t group, int64_t num_heads,  \
                             int64_t head_dim, int64_t q_stride, int64_t kv_stride, float scale, float *buf) {    \
@@ -553,10 +620,10 @@ static void score_tile(const float *queries, const float *keys_t, int64_t head_d
             for (int64_t j = seen; j < keys; j++) row[j] = 0.0f;                                                 \
         }                                                                                                        \
         const T *vg = v + start * kv_stride + g * head_dim;                                                      \
-        for (int64_t r0 = 0; r0 < rows; r0 += (head_dim == 64 ? 6 : 3)) {                                        \
-            if (head_dim == 64) NAME##_values_4(scores + r0 * keys_pad, keys_pad, keys, vg, kv_stride, outs + r0 * head_dim); \
-            else NAME##_values_8(scores + r0 * keys_pad, keys_pad, keys, vg, kv_stride, outs + r0 * head_dim);   \
-        }                                                                                                        \
+        for (int64_t r0 = 0; r0 < rows; r0 += VALUE_ROWS)                                                       \
+            for (int64_t c0 = 0; c0 < head_dim; c0 += VALUE_COLUMNS)                                             \
+                NAME##_values(scores + r0 * keys_pad, keys_pad, keys, vg, kv_stride, head_dim, c0,                 \
+                              outs + r0 * head_dim);                                                             \
         for (int64_t r = 0; r < group * block; r++) {                                                            \
             T *dst = out + ((start + p0 + r % block) * num_heads + g * group + r / block) * head_dim;            \
             const float *src = outs + r * head_dim;                                                              \
@@ -585,7 +652,7 @@ static void score_tile(const float *queries, const float *keys_t, int64_t head_d
             for (int64_t i = 0; i < num_seqs; i++)                                                               \
                 if (b * QUERY_BLOCK < lens[i])                                                                   \
                     for (int64_t g = 0; g < num_kv_heads; g++, n++) task_seq[n] = i * num_kv_heads + g, task_block[n] = b; \
-        /* Every sequence's keys transposed once, [seq][kv head][D][round_up(len, 32)]. */                      \
+        /* Every sequence's keys transposed once, [seq][kv head][D][round_up(len, SCORE_KEYS)]. */              \
         int64_t *offsets = malloc(sizeof(int64_t) * (size_t)(num_seqs + 1));                                     \
         if (offsets == NULL) return free(task_seq), -1;                                                          \
         offsets[0] = 0;                                                                                          \
@@ -620,6 +687,6 @@ static void score_tile(const float *queries, const float *keys_t, int64_t head_d
         return failed ? -1 : 0;                                                                                  \
     }
 
-PREFILL_KERNEL(prefill_attention, float, load_f32, store_f32, vec_f32)
-PREFILL_KERNEL(prefill_attention_bf16, uint16_t, load_bf16, store_bf16, vec_bf16)
+PREFILL_KERNEL(prefill_attention, float, load_f32, store_f32, vload)
+PREFILL_KERNEL(prefill_attention_bf16, uint16_t, load_bf16, store_bf16, vload_bf16)
 #endif

@@ -168,7 +168,7 @@ PANEL_COLUMNS = 32
 
 @dataclass(frozen=True)
 class PanelLinear:
-    """The loaded `panel_linear` C functions (AVX-512 CPUs), by dtype: linear layers of a few rows
+    """The loaded `panel_linear` C functions (AVX-512 or AVX2 + FMA CPUs), by dtype: linear layers of a few rows
     (decode batches) over a weight laid out in column panels by `panels()`."""
 
     fns: dict[torch.dtype, Callable[..., int]]
@@ -204,7 +204,7 @@ class PanelLinear:
 @functools.cache
 def load_panel_linear() -> PanelLinear | None:
     """The few-row linear kernels, built on first use; None when they cannot be built or the CPU
-    lacks AVX-512 (the library then has no such symbol)."""
+    has neither AVX-512 nor AVX2 + FMA (the library then has no such symbol)."""
     if _library() is None or not hasattr(_library(), "panel_linear"):
         return None
     return PanelLinear(_c_functions("panel_linear", _PANEL_LINEAR_ARGTYPES, ctypes.c_int))
@@ -216,7 +216,7 @@ PREFILL_HEAD_DIMS = (64, 128)
 
 @dataclass(frozen=True)
 class PrefillAttention:
-    """The loaded `prefill_attention` C functions (AVX-512 CPUs), by dtype: causal attention of
+    """The loaded `prefill_attention` C functions (AVX-512 or AVX2 + FMA CPUs), by dtype: causal attention of
     prefill chunks that have nothing cached, reading q, k and v where they lie."""
 
     fns: dict[torch.dtype, Callable[..., int]]
@@ -269,7 +269,7 @@ class PrefillAttention:
 @functools.cache
 def load_prefill_attention() -> PrefillAttention | None:
     """The prefill attention kernels, built on first use; None when they cannot be built or the
-    CPU lacks AVX-512."""
+    CPU has neither AVX-512 nor AVX2 + FMA."""
     if _library() is None or not hasattr(_library(), "prefill_attention"):
         return None
     return PrefillAttention(_c_functions("prefill_attention", _PREFILL_ARGTYPES, ctypes.c_int))

@@ -117,7 +117,7 @@ def test_panel_linear_equals_f_linear(dtype, rows, out_features, in_features, bi
     """Against fp64: fp32 within F.linear's own error (2x); bf16 F.linear's result but for ties."""
     kernel = cpu_kernels.load_panel_linear()
     if kernel is None:
-        pytest.skip("no C compiler or no AVX-512: projections keep oneDNN")
+        pytest.skip("no C compiler or no AVX-512 or AVX2: projections keep oneDNN")
     g = torch.Generator().manual_seed(rows)
     x, weight = torch.randn(rows, in_features, generator=g), torch.randn(out_features, in_features, generator=g)
     b = torch.randn(out_features, generator=g).to(dtype) if bias else None
@@ -139,7 +139,7 @@ def test_panel_linear_equals_f_linear(dtype, rows, out_features, in_features, bi
 def test_panel_linear_refuses_what_it_cannot_read():
     kernel = cpu_kernels.load_panel_linear()
     if kernel is None:
-        pytest.skip("no C compiler or no AVX-512: projections keep oneDNN")
+        pytest.skip("no C compiler or no AVX-512 or AVX2: projections keep oneDNN")
     panels = kernel.panels(torch.randn(64, 16))
     with pytest.raises(ValueError, match="panel_linear needs"):
         kernel(torch.randn(3, 17), panels, None)
@@ -155,7 +155,7 @@ def test_prefill_attention_equals_causal_sdpa(dtype, tolerance, heads, kv_heads,
     vector, packed with two decode rows between them that the kernel leaves alone."""
     kernel = cpu_kernels.load_prefill_attention()
     if kernel is None:
-        pytest.skip("no C compiler or no AVX-512: prefill attention keeps SDPA")
+        pytest.skip("no C compiler or no AVX-512 or AVX2: prefill attention keeps SDPA")
     lens, gap = [1, 5, 8, 33, 70], 2
     starts = [sum(lens[:i]) + gap * i for i in range(len(lens))]
     g = torch.Generator().manual_seed(dim)
@@ -176,7 +176,7 @@ def test_prefill_attention_equals_causal_sdpa(dtype, tolerance, heads, kv_heads,
 def test_prefill_attention_refuses_what_it_cannot_read():
     kernel = cpu_kernels.load_prefill_attention()
     if kernel is None:
-        pytest.skip("no C compiler or no AVX-512: prefill attention keeps SDPA")
+        pytest.skip("no C compiler or no AVX-512 or AVX2: prefill attention keeps SDPA")
     q, kv = torch.randn(4, 2, 64), torch.randn(4, 1, 64)
     one = torch.tensor([0]), torch.tensor([4])
     assert not kernel.fits(torch.randn(4, 2, 16), torch.randn(4, 1, 16), torch.randn(4, 1, 16))

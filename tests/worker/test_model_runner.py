@@ -89,7 +89,8 @@ def check_bf16_against_transformers(folder: str, reqs: list[Req], native: bool =
 
 def test_head_dim_64_runs_the_vector_kernels(tmp_path):
     """head_dim 64 (SmolLM2's): prefill attention, the decode passes and the panel projections of
-    the AVX-512 CPU path, on fresh prompts, chunks over cached tokens and decodes beside them."""
+    the vector-kernel CPU path (AVX-512 or AVX2), on fresh prompts, chunks over cached tokens and
+    decodes beside them."""
     folder = str(save_tiny_model(tiny_config("llama", heads=6, kv_heads=2, head_dim=64), tmp_path / "d64"))
     reqs = [
         Req("fresh", prompt(21, 40), MAX_NEW),
