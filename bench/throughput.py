@@ -79,6 +79,8 @@ SHORT_DTYPES = {"float32": "fp32", "bfloat16": "bf16"}
 MATMUL_SIZE = 2048
 MATMUL_REPEATS = 5
 MATMUL_ROUNDS = 4
+BF16_PROBE_SIZE = 256
+BF16_PROBE_SHARE = 0.25
 # What vLLM's `LLM` schedules per step on CPU by default (its API server: 2048, as `zeroserve serve`).
 VLLM_LLM_BATCHED_TOKENS = 8192
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "0-1", "HF_HUB_OFFLINE": "1",
@@ -209,19 +211,41 @@ def run_transformers(folder: str, workload: Workload) -> Runs:
 # ---- compute bound and table ----------------------------------------------------------------
 
 
-def matmul_flops_per_s(dtype: torch.dtype) -> float:
-    """The best of a few timed rounds: a peak rate, not one spoiled by a busy neighbour."""
-    a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, dtype=dtype)
-    b = torch.randn(MATMUL_SIZE, MATMUL_SIZE, dtype=dtype)
-    a @ b
-    return max(_matmul_round(a, b) for _ in range(MATMUL_ROUNDS))
+@dataclass(frozen=True)
+class MatmulRate:
+    flops_per_s: float
+    how: str  # how the matmul ran: "fp32", "bf16", or "bf16 widened to fp32"
 
 
-def _matmul_round(a: torch.Tensor, b: torch.Tensor) -> float:
+def matmul_rate(dtype: torch.dtype) -> MatmulRate:
+    """The best of a few timed rounds of a MATMUL_SIZE^2 matmul: a peak rate, not one spoiled by a
+    busy neighbour. bf16 counts the faster of a bf16 matmul and an fp32 one over the matrices
+    widened (conversion included), as bf16 prefill may run: a CPU without bf16 instructions
+    (AVX2) multiplies bf16 at a small fraction of its fp32 rate, and the bf16 matmul is then
+    left out when a small one runs below BF16_PROBE_SHARE of fp32's (at this size it took
+    minutes)."""
+    if dtype != torch.bfloat16:
+        return MatmulRate(_best_rate(MATMUL_SIZE, dtype), "fp32")
+    widened = MatmulRate(_best_rate(MATMUL_SIZE, torch.bfloat16, widen=True), "bf16 widened to fp32")
+    probe = _best_rate(BF16_PROBE_SIZE, torch.bfloat16) / _best_rate(BF16_PROBE_SIZE, torch.float32)
+    if probe < BF16_PROBE_SHARE:
+        return widened
+    native = MatmulRate(_best_rate(MATMUL_SIZE, torch.bfloat16), "bf16")
+    return max(native, widened, key=lambda rate: rate.flops_per_s)
+
+
+def _best_rate(size: int, dtype: torch.dtype, widen: bool = False) -> float:
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    multiply = (lambda: (a.float() @ b.float()).to(dtype)) if widen else (lambda: a @ b)
+    multiply()
+    return max(_matmul_round(multiply, size) for _ in range(MATMUL_ROUNDS))
+
+
+def _matmul_round(multiply: Callable[[], torch.Tensor], size: int) -> float:
     start = time.perf_counter()
     for _ in range(MATMUL_REPEATS):
-        a @ b
-    return 2 * MATMUL_SIZE**3 * MATMUL_REPEATS / (time.perf_counter() - start)
+        multiply()
+    return 2 * size**3 * MATMUL_REPEATS / (time.perf_counter() - start)
 
 
 def workload_flops(folder: str, workload: Workload) -> float:
@@ -236,13 +260,13 @@ def workload_flops(folder: str, workload: Workload) -> float:
     return 2.0 * (per_token * tokens + hidden * config.vocab_size * workload.num_output_tokens)
 
 
-def bound_lines(flops: float, workload: Workload, rates: dict[str, float]) -> list[str]:
+def bound_lines(flops: float, workload: Workload, rates: dict[str, MatmulRate]) -> list[str]:
     lines = [f"workload: {len(workload.prompts)} requests, {workload.num_prompt_tokens} prompt + "
              f"{workload.num_output_tokens} output tokens = {flops / 1e12:.2f} TFLOP of matmuls"]  # fmt: skip
     for dtype, rate in rates.items():
-        bound = workload.num_output_tokens / (flops / rate)
-        lines.append(f"{SHORT_DTYPES[dtype]} bound: matmul {MATMUL_SIZE}^2 at {rate / 1e9:.0f} GFLOP/s "
-                     f"-> {bound:.0f} output tok/s")  # fmt: skip
+        bound = workload.num_output_tokens / (flops / rate.flops_per_s)
+        lines.append(f"{SHORT_DTYPES[dtype]} bound: matmul {MATMUL_SIZE}^2 ({rate.how}) at "
+                     f"{rate.flops_per_s / 1e9:.0f} GFLOP/s -> {bound:.0f} output tok/s")  # fmt: skip
     return lines
 
 
@@ -333,7 +357,7 @@ def run_all(args: argparse.Namespace) -> None:
     if not args.skip_hf_static:
         all_runs.append(guarded("transformers static batch", "float32", lambda: run_transformers(folder, workload)))
     add_agreement_notes(all_runs)
-    rates = {dtype: matmul_flops_per_s(getattr(torch, dtype)) for dtype in args.dtypes}
+    rates = {dtype: matmul_rate(getattr(torch, dtype)) for dtype in args.dtypes}
     print_results(all_runs, bound_lines(workload_flops(folder, workload), workload, rates))
 
 

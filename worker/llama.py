@@ -7,7 +7,7 @@ CPU (fp32, bf16) the C kernels of `worker.cpu_kernels` fuse them: the residual a
 RMSNorm after it, RoPE on q and k in place, SiLU(gate) * up; elsewhere torch's ops do it, the
 activation in place on the gate/up output. The final norm and the LM head only see the rows that
 sample. On CPU a projection of a few rows (decode batches) runs the C kernel `PanelLinear` over
-its weight laid out once in column panels (AVX-512 CPUs), else oneDNN over the weight reordered
+its weight laid out once in column panels (AVX-512 or AVX2 CPUs), else oneDNN over the weight reordered
 into the layout it prefers; prefill chunks run torch's GEMM (`PackedWeights`). The copies are made
 again after every weight update and dropped while the weights sleep.
 
@@ -141,16 +141,20 @@ def _packing_works(dtype: torch.dtype) -> bool:
 @functools.cache
 def fp32_gemm_is_faster() -> bool:
     """Whether this CPU multiplies bf16 matrices of prefill's size faster by widening them to fp32
-    (MKL's GEMM) than with oneDNN's bf16 kernels, by FP32_GEMM_MIN_SPEEDUP at least: 1.5x on an
-    AVX512-BF16 Xeon without AMX, whose bf16 dot products run at half the fp32 FMA rate (a CPU
-    with AMX, whose bf16 tiles should win, keeps bf16 when the probe says so: not measured here).
-    The products are exact in fp32 either way and both sum in fp32, so the two differ only in
-    summation order. Timed once per process, best of a few rounds (about 0.1 s)."""
-    if not _packing_works(torch.bfloat16):
-        return False
+    (MKL's GEMM) than in bf16 (oneDNN's packed kernels, or F.linear where they are unavailable),
+    by FP32_GEMM_MIN_SPEEDUP at least: 1.5x on an AVX512-BF16 Xeon without AMX, whose bf16 dot
+    products run at half the fp32 FMA rate; on an AVX2 CPU without bf16 instructions oneDNN packs
+    no bf16 weight and torch's bf16 GEMM converts every tile (a CPU with AMX, whose bf16 tiles
+    should win, keeps bf16 when the probe says so: not measured here). The products are exact in
+    fp32 either way and both sum in fp32, so the two differ only in summation order. Timed once per
+    process, best of a few rounds (about 0.1 s)."""
     x, weight = torch.randn(256, 576, dtype=torch.bfloat16), torch.randn(3072, 576, dtype=torch.bfloat16)
-    packed, wide = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT), weight.float()
-    bf16_s = _best_time(lambda: onednn_linear(x, packed, None))
+    if _packing_works(torch.bfloat16):
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
+        bf16_s = _best_time(lambda: onednn_linear(x, packed, None))
+    else:
+        bf16_s = _best_time(lambda: F.linear(x, weight))
+    wide = weight.float()
     fp32_s = _best_time(lambda: F.linear(x.float(), wide).to(torch.bfloat16))
     faster = bf16_s >= FP32_GEMM_MIN_SPEEDUP * fp32_s
     logger.info("bf16 GEMM %.2f ms, as fp32 %.2f ms: bf16 projections of %d rows or more run %s",
