@@ -227,7 +227,10 @@ class EngineLoop:
                 self.scheduler.take_finished_outputs()  # nobody is left to read them
                 self.weights.abandon_frontend(client_index)
                 self.settle_pause()
-                logger.error("frontend %d (pid %d) died: aborted its %d request(s)", client_index, pid, len(aborted))
+                # With nothing in flight nothing was lost: the supervisor stops the frontends
+                # before the core, whose check may see one gone before its own signal arrives.
+                log = logger.error if aborted else logger.warning
+                log("frontend %d (pid %d) died: aborted its %d request(s)", client_index, pid, len(aborted))
 
     def interrupt_step(self) -> None:
         """A pause that freezes or aborts everything need not wait for the step in flight: the
