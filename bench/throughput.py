@@ -68,6 +68,7 @@ from bench.common import (  # noqa: E402
     setup_logging,
     timing_from_arrivals,
 )
+from bench.bound import bound_lines, matmul_rate, workload_flops  # noqa: E402
 from bench.hf_baselines import load_hf_model, run_hf_static  # noqa: E402
 from frontend.client import AsyncClient  # noqa: E402
 from protocol.messages import StepKindProfile, StepProfile  # noqa: E402
@@ -76,11 +77,6 @@ logger = logging.getLogger("bench")
 
 DTYPES = ("float32", "bfloat16")
 SHORT_DTYPES = {"float32": "fp32", "bfloat16": "bf16"}
-MATMUL_SIZE = 2048
-MATMUL_REPEATS = 5
-MATMUL_ROUNDS = 4
-BF16_PROBE_SIZE = 256
-BF16_PROBE_SHARE = 0.25
 # What vLLM's `LLM` schedules per step on CPU by default (its API server: 2048, as `zeroserve serve`).
 VLLM_LLM_BATCHED_TOKENS = 8192
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "0-1", "HF_HUB_OFFLINE": "1",
@@ -208,66 +204,7 @@ def run_transformers(folder: str, workload: Workload) -> Runs:
     return Runs("transformers static batch", "float32", [run_hf_static(load_hf_model(folder), workload)])
 
 
-# ---- compute bound and table ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MatmulRate:
-    flops_per_s: float
-    how: str  # how the matmul ran: "fp32", "bf16", or "bf16 widened to fp32"
-
-
-def matmul_rate(dtype: torch.dtype) -> MatmulRate:
-    """The best of a few timed rounds of a MATMUL_SIZE^2 matmul: a peak rate, not one spoiled by a
-    busy neighbour. bf16 counts the faster of a bf16 matmul and an fp32 one over the matrices
-    widened (conversion included), as bf16 prefill may run: a CPU without bf16 instructions
-    (AVX2) multiplies bf16 at a small fraction of its fp32 rate, and the bf16 matmul is then
-    left out when a small one runs below BF16_PROBE_SHARE of fp32's (at this size it took
-    minutes)."""
-    if dtype != torch.bfloat16:
-        return MatmulRate(_best_rate(MATMUL_SIZE, dtype), "fp32")
-    widened = MatmulRate(_best_rate(MATMUL_SIZE, torch.bfloat16, widen=True), "bf16 widened to fp32")
-    probe = _best_rate(BF16_PROBE_SIZE, torch.bfloat16) / _best_rate(BF16_PROBE_SIZE, torch.float32)
-    if probe < BF16_PROBE_SHARE:
-        return widened
-    native = MatmulRate(_best_rate(MATMUL_SIZE, torch.bfloat16), "bf16")
-    return max(native, widened, key=lambda rate: rate.flops_per_s)
-
-
-def _best_rate(size: int, dtype: torch.dtype, widen: bool = False) -> float:
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    multiply = (lambda: (a.float() @ b.float()).to(dtype)) if widen else (lambda: a @ b)
-    multiply()
-    return max(_matmul_round(multiply, size) for _ in range(MATMUL_ROUNDS))
-
-
-def _matmul_round(multiply: Callable[[], torch.Tensor], size: int) -> float:
-    start = time.perf_counter()
-    for _ in range(MATMUL_REPEATS):
-        multiply()
-    return 2 * size**3 * MATMUL_REPEATS / (time.perf_counter() - start)
-
-
-def workload_flops(folder: str, workload: Workload) -> float:
-    """The matmul FLOPs of serving the workload: every layer's projections for each prompt and
-    output token, the LM head for each output token (attention's own products left out)."""
-    config = transformers.AutoConfig.from_pretrained(folder)
-    hidden, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    qkvo = hidden * head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
-    per_token = layers * (qkvo + 3 * hidden * inter)
-    tokens = workload.num_prompt_tokens + workload.num_output_tokens
-    return 2.0 * (per_token * tokens + hidden * config.vocab_size * workload.num_output_tokens)
-
-
-def bound_lines(flops: float, workload: Workload, rates: dict[str, MatmulRate]) -> list[str]:
-    lines = [f"workload: {len(workload.prompts)} requests, {workload.num_prompt_tokens} prompt + "
-             f"{workload.num_output_tokens} output tokens = {flops / 1e12:.2f} TFLOP of matmuls"]  # fmt: skip
-    for dtype, rate in rates.items():
-        bound = workload.num_output_tokens / (flops / rate.flops_per_s)
-        lines.append(f"{SHORT_DTYPES[dtype]} bound: matmul {MATMUL_SIZE}^2 ({rate.how}) at "
-                     f"{rate.flops_per_s / 1e9:.0f} GFLOP/s -> {bound:.0f} output tok/s")  # fmt: skip
-    return lines
+# ---- table ----------------------------------------------------------------
 
 
 def result_row(runs: Runs, reference: Runs | None) -> list[str]:
@@ -357,7 +294,7 @@ def run_all(args: argparse.Namespace) -> None:
     if not args.skip_hf_static:
         all_runs.append(guarded("transformers static batch", "float32", lambda: run_transformers(folder, workload)))
     add_agreement_notes(all_runs)
-    rates = {dtype: matmul_rate(getattr(torch, dtype)) for dtype in args.dtypes}
+    rates = {SHORT_DTYPES[dtype]: matmul_rate(getattr(torch, dtype)) for dtype in args.dtypes}
     print_results(all_runs, bound_lines(workload_flops(folder, workload), workload, rates))
 
 

@@ -7,8 +7,8 @@ CPU (fp32, bf16) the C kernels of `worker.cpu_kernels` fuse them: the residual a
 RMSNorm after it, RoPE on q and k in place, SiLU(gate) * up; elsewhere torch's ops do it, the
 activation in place on the gate/up output. The final norm and the LM head only see the rows that
 sample. On CPU a projection of a few rows (decode batches) runs the C kernel `PanelLinear` over
-its weight laid out once in column panels (AVX-512 or AVX2 CPUs), else oneDNN over the weight reordered
-into the layout it prefers; prefill chunks run torch's GEMM (`PackedWeights`). The copies are made
+its weight laid out once in column panels (AVX-512 or AVX2 CPUs), else oneDNN over the weight
+reordered into the layout it prefers; prefill chunks run torch's GEMM (`PackedWeights`). The copies are made
 again after every weight update and dropped while the weights sleep.
 
 Q/K/V and gate/up are fused into one projection each. The HF parameters are then re-pointed
@@ -147,7 +147,7 @@ def fp32_gemm_is_faster() -> bool:
     no bf16 weight and torch's bf16 GEMM converts every tile (a CPU with AMX, whose bf16 tiles
     should win, keeps bf16 when the probe says so: not measured here). The products are exact in
     fp32 either way and both sum in fp32, so the two differ only in summation order. Timed once per
-    process, best of a few rounds (about 0.1 s)."""
+    process, best of a few rounds (about 0.1 s; 0.5 s where torch's bf16 GEMM converts tiles)."""
     x, weight = torch.randn(256, 576, dtype=torch.bfloat16), torch.randn(3072, 576, dtype=torch.bfloat16)
     if _packing_works(torch.bfloat16):
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
