@@ -383,8 +383,8 @@ SILU_MUL_KERNEL(silu_mul_bf16, uint16_t, load_bf16, store_bf16, round_bf16)
  * AVX-512, 6 x 16 in 12 ymm on AVX2, two such tiles a panel), one fp32 FMA per weight vector and
  * row; bf16 weights are widened in the register (exact), so bf16 reads half the bytes at the fp32
  * FMA rate (an AVX512-BF16 Xeon's bf16 dot-product instruction runs at half that rate). k is
- * walked in chunks that keep the panel's slice in L1 while every row block reads it, the next
- * slices prefetched from memory by the first. Every product and sum in fp32.
+ * walked in chunks that keep the panel's slice in L1 while every row block reads it, the chunks
+ * ahead prefetched from memory a share in each pass. Every product and sum in fp32.
  * oneDNN took 1.3-1.5x as long on SmolLM2's decode shapes (bf16), 1.0-1.3x (fp32), on AVX-512. */
 #if defined(HAVE_VECTORS)
 #define PANEL 32
@@ -395,7 +395,19 @@ SILU_MUL_KERNEL(silu_mul_bf16, uint16_t, load_bf16, store_bf16, round_bf16)
 #define TILE_ROWS 6
 #endif
 #define K_CHUNK 128
-#define PREFETCH_AHEAD 8192 /* weight elements, into L2 (more misses in flight than L1 takes) */
+#define CACHE_LINE 64
+#ifndef PREFETCH_CHUNKS_AHEAD
+#define PREFETCH_CHUNKS_AHEAD 1
+#endif
+
+/* Cache lines of weights to prefetch into L2 during one tile pass: `lines` of them from `next`,
+ * spread evenly over the pass's `steps` k steps (a running credit), so memory streams the chunks
+ * ahead while every pass computes, not only the first one that reads the chunk from memory. */
+typedef struct {
+    const char *next;
+    int64_t lines;
+    int64_t steps;
+} Prefetch;
 
 /* Rows [0, rows) of x (k apart) times TILE_COLUMNS columns of a panel (`panel` at the first) over
  * k in [k0, k1), summed from zero and added to `sums` [rows][PANEL] (stored there when `first`):
@@ -404,14 +416,15 @@ SILU_MUL_KERNEL(silu_mul_bf16, uint16_t, load_bf16, store_bf16, round_bf16)
 #define PANEL_TILE(NAME, T, VEC)                                                                                 \
     static inline __attribute__((always_inline)) void NAME(const float *x, int64_t k, int64_t k0, int64_t k1,   \
                                                            const T *panel, float *sums, int rows, int first,     \
-                                                           int prefetch) {                                       \
+                                                           Prefetch prefetch) {                                  \
         vfloat lo[TILE_ROWS], hi[TILE_ROWS];                                                                     \
+        int64_t credit = 0;                                                                                      \
         _Pragma("GCC unroll 12") for (int m = 0; m < rows; m++) lo[m] = hi[m] = vzero();                         \
         for (int64_t j = k0; j < k1; j++) {                                                                      \
             const T *w = panel + j * PANEL;                                                                      \
-            if (prefetch) {                                                                                      \
-                _mm_prefetch((const char *)(w + PREFETCH_AHEAD), _MM_HINT_T1);                                   \
-                if (sizeof(T) == 4) _mm_prefetch((const char *)(w + PREFETCH_AHEAD + 16), _MM_HINT_T1);          \
+            for (credit += prefetch.lines; credit >= prefetch.steps; credit -= prefetch.steps) {                 \
+                _mm_prefetch(prefetch.next, _MM_HINT_T1);                                                        \
+                prefetch.next += CACHE_LINE;                                                                     \
             }                                                                                                    \
             vfloat w_lo = VEC(w), w_hi = VEC(w + VEC_WIDTH);                                                     \
             _Pragma("GCC unroll 12") for (int m = 0; m < rows; m++) {                                            \
@@ -448,18 +461,27 @@ PANEL_TILE(panel_tile_bf16, uint16_t, vload_bf16)
     }
 #endif
 
+/* One panel of `k` x PANEL weights times all `m` rows. Each k chunk is read by blocks x
+ * (PANEL / TILE_COLUMNS) tile passes; the chunk PREFETCH_CHUNKS_AHEAD further on (the next panel's
+ * first chunks once this one ends) is prefetched in equal shares by those passes. */
 static void panel_rows(const float *x_all, int64_t m, int64_t k, const void *panel_any, float *sums_all,
                        int bf16) {
     int64_t blocks = (m + TILE_ROWS - 1) / TILE_ROWS;
+    int64_t passes = blocks * (PANEL / TILE_COLUMNS);
+    int64_t element = bf16 ? sizeof(uint16_t) : sizeof(float);
+    int64_t chunk_lines = K_CHUNK * PANEL * element / CACHE_LINE;
+    int64_t pass_lines = (chunk_lines + passes - 1) / passes;
     for (int64_t k0 = 0; k0 < k; k0 += K_CHUNK) {
         int64_t k1 = k0 + K_CHUNK < k ? k0 + K_CHUNK : k;
         int first = k0 == 0;
+        const char *ahead = (const char *)panel_any + (k0 + PREFETCH_CHUNKS_AHEAD * K_CHUNK) * PANEL * element;
+        int64_t pass = 0;
         for (int64_t b = 0; b < blocks; b++)
-            for (int64_t c0 = 0; c0 < PANEL; c0 += TILE_COLUMNS) {
+            for (int64_t c0 = 0; c0 < PANEL; c0 += TILE_COLUMNS, pass++) {
                 int64_t r0 = m * b / blocks, r1 = m * (b + 1) / blocks;
                 const float *x = x_all + r0 * k;
                 float *sums = sums_all + r0 * PANEL + c0;
-                int prefetch = b == 0 && c0 == 0;
+                Prefetch prefetch = {ahead + pass * pass_lines * CACHE_LINE, pass_lines, k1 - k0};
                 if (bf16) {
                     const uint16_t *panel = (const uint16_t *)panel_any + c0;
                     PANEL_TILE_SWITCH(panel_tile_bf16, (int)(r1 - r0))
