@@ -12,7 +12,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from worker import attention, cpu_kernels
 from worker.attention import build_metadata, paged_attention
-from worker.kv_cache import KVCache
+from worker.kv_cache import KVCache, allocate_kv_cache
 
 BLOCK = 4
 HEADS, KV_HEADS, DIM = 6, 2, 16
@@ -256,6 +256,13 @@ def mixed_step(generator: torch.Generator):
     return cache, (slots, starts, query_lens, torch.tensor(lens), tables)
 
 
+def step_qkv(step, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random q, k and v of a step's tokens."""
+    tokens = sum(step[2])
+    q = torch.randn(1, HEADS, tokens, DIM, generator=generator)
+    return q, *(torch.randn(1, KV_HEADS, tokens, DIM, generator=generator) for _ in range(2))
+
+
 def run_layer(cache: KVCache, step, qkv) -> torch.Tensor:
     module = torch.nn.Module()
     module.layer_idx = 0
@@ -266,13 +273,41 @@ def run_layer(cache: KVCache, step, qkv) -> torch.Tensor:
 def test_kernel_path_equals_torch_path(kernel, monkeypatch):
     g = torch.Generator().manual_seed(1)
     cache, step = mixed_step(g)
-    T = sum(step[2])
-    qkv = (torch.randn(1, HEADS, T, DIM, generator=g), *(torch.randn(1, KV_HEADS, T, DIM, generator=g) for _ in range(2)))
+    qkv = step_qkv(step, g)
     fast_cache = KVCache([cache.keys[0].clone()], [cache.values[0].clone()], BLOCK, NUM_BLOCKS)
     fast = run_layer(fast_cache, step, qkv)
     assert build_metadata(fast_cache, *step).decode_kernel is kernel
     monkeypatch.setattr(attention, "load_paged_decode", lambda: None)
     slow = run_layer(cache, step, qkv)
+    assert (fast - slow).abs().max().item() <= 1e-5
+
+
+def test_slots_no_step_wrote_are_never_read(kernel, monkeypatch):
+    """The CPU cache is allocated unzeroed but for slot 0 (the torch path's padding): NaN in every
+    slot outside the sequences' contexts changes neither path's output."""
+    allocated = allocate_kv_cache(NUM_BLOCKS, BLOCK, (1, KV_HEADS, DIM), torch.float32, torch.device("cpu"))
+    assert allocated.keys[0][0].eq(0).all() and allocated.values[0][0].eq(0).all()
+    g = torch.Generator().manual_seed(2)
+    cache, step = mixed_step(g)
+    qkv = step_qkv(step, g)
+    lens, tables = step[3], step[4]
+    positions = [torch.arange(n) for n in lens.tolist()]
+    context = torch.cat([tables[i, p // BLOCK] * BLOCK + p % BLOCK for i, p in enumerate(positions)])
+    unread = torch.ones(NUM_BLOCKS * BLOCK, dtype=torch.bool)
+    unread[context] = False
+    unread[0] = False
+    assert unread.any()
+
+    def poisoned() -> KVCache:
+        keys, values = cache.keys[0].clone(), cache.values[0].clone()
+        keys[unread], values[unread] = float("nan"), float("nan")
+        return KVCache([keys], [values], BLOCK, NUM_BLOCKS)
+
+    clean = run_layer(KVCache([cache.keys[0].clone()], [cache.values[0].clone()], BLOCK, NUM_BLOCKS), step, qkv)
+    fast = run_layer(poisoned(), step, qkv)
+    monkeypatch.setattr(attention, "load_paged_decode", lambda: None)
+    slow = run_layer(poisoned(), step, qkv)
+    assert torch.equal(fast, clean) and slow.isfinite().all()
     assert (fast - slow).abs().max().item() <= 1e-5
 
 
