@@ -99,12 +99,14 @@ class Rotary:
         return apply_rotary(x, self.cos[:, None], self.sin[:, None])
 
 
-# The batch size oneDNN picks the packed layout for: decode batches.
+# The batch sizes oneDNN picks the packed layouts for: decode batches, prefill chunks.
 PACK_BATCH_HINT = 32
-# From this many rows (prefill chunks) a projection runs torch's GEMM, a bf16 one as an fp32 GEMM
-# on an fp32 copy of its weight where that is faster (`fp32_gemm_is_faster`). Below it (decode
-# batches, which read every weight for a few rows) the panel kernel or oneDNN's packed weights
-# serve, bf16 reading half the bytes. At 127 rows the panel kernel and MKL took equal time (fp32).
+PREFILL_PACK_HINT = 2048
+# From this many rows (prefill chunks) a projection runs a GEMM: fp32 through a copy of its weight
+# packed for oneDNN, a bf16 one too (widened) where that is faster (`fp32_gemm_is_faster`). Below
+# it (decode batches, which read every weight for a few rows) the panel kernel or oneDNN's packed
+# weights serve, bf16 reading half the bytes. At 127 rows the panel kernel and MKL took equal time
+# (fp32); from 600 to 4800 rows oneDNN's packed fp32 GEMM took 5-17% less time than MKL's (AVX2).
 FP32_GEMM_ROWS = 128
 FP32_GEMM_MIN_SPEEDUP = 1.2
 
@@ -141,7 +143,7 @@ def _packing_works(dtype: torch.dtype) -> bool:
 @functools.cache
 def fp32_gemm_is_faster() -> bool:
     """Whether this CPU multiplies bf16 matrices of prefill's size faster by widening them to fp32
-    (MKL's GEMM) than in bf16 (oneDNN's packed kernels, or F.linear where they are unavailable),
+    (`PrefillWeight`) than in bf16 (oneDNN's packed kernels, or F.linear where they are unavailable),
     by FP32_GEMM_MIN_SPEEDUP at least: 1.5x on an AVX512-BF16 Xeon without AMX, whose bf16 dot
     products run at half the fp32 FMA rate; on an AVX2 CPU without bf16 instructions oneDNN packs
     no bf16 weight and torch's bf16 GEMM converts every tile (a CPU with AMX, whose bf16 tiles
@@ -154,8 +156,8 @@ def fp32_gemm_is_faster() -> bool:
         bf16_s = _best_time(lambda: onednn_linear(x, packed, None))
     else:
         bf16_s = _best_time(lambda: F.linear(x, weight))
-    wide = weight.float()
-    fp32_s = _best_time(lambda: F.linear(x.float(), wide).to(torch.bfloat16))
+    widened = PrefillWeight.of(weight, None)
+    fp32_s = _best_time(lambda: widened(x))
     faster = bf16_s >= FP32_GEMM_MIN_SPEEDUP * fp32_s
     logger.info("bf16 GEMM %.2f ms, as fp32 %.2f ms: bf16 projections of %d rows or more run %s",
                 bf16_s * 1e3, fp32_s * 1e3, FP32_GEMM_ROWS, "as fp32" if faster else "in bf16")  # fmt: skip
@@ -172,18 +174,40 @@ def _best_time(run: Callable[[], object], rounds: int = 5) -> float:
     return best
 
 
+@dataclass(frozen=True)
+class PrefillWeight:
+    """A projection's weight and bias in fp32 for prefill's GEMMs: packed for oneDNN where it
+    packs fp32, else plain for F.linear. Inputs are widened and results rounded to their dtype."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    packed: bool
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> "PrefillWeight":
+        wide, wide_bias = weight.detach().float(), None if bias is None else bias.detach().float()
+        if can_pack(wide):
+            return cls(torch.ops.mkldnn._reorder_linear_weight(wide, PREFILL_PACK_HINT), wide_bias, packed=True)
+        return cls(wide.contiguous(), wide_bias, packed=False)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        wide = x.float()
+        out = onednn_linear(wide, self.weight, self.bias) if self.packed else F.linear(wide, self.weight, self.bias)
+        return out.to(x.dtype)
+
+
 @dataclass
 class Projection:
     """One linear layer over the rows of `weight` `[out, in]` (and `bias`). Calls of fewer than
     FP32_GEMM_ROWS rows run through `panels` (the weight in `PanelLinear`'s layout) or `packed`
-    (in oneDNN's), whichever `pack()` made; calls of more through `fp32` (the weight and bias
-    widened) when it is there, else F.linear."""
+    (in oneDNN's), whichever `pack()` made; calls of more through `prefill` when it is there,
+    else F.linear."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
     panels: torch.Tensor | None = None
     packed: torch.Tensor | None = None
-    fp32: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    prefill: PrefillWeight | None = None
 
     @classmethod
     def of(cls, module: torch.nn.Linear) -> "Projection":
@@ -209,26 +233,26 @@ class Projection:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if len(x) >= FP32_GEMM_ROWS:
-            if self.fp32 is not None:
-                return F.linear(x.float(), *self.fp32).to(x.dtype)
+            if self.prefill is not None:
+                return self.prefill(x)
         elif self.panels is not None and x.is_contiguous():
             return load_panel_linear()(x, self.panels, self.bias)
         elif self.packed is not None:
             return onednn_linear(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
 
-    def pack(self, fp32: bool) -> None:
+    def pack(self, prefill: bool) -> None:
         weight = self.weight.detach()
         bias_fits = self.bias is None or fits_kernel(weight, self.bias)
         if load_panel_linear() is not None and PanelLinear.fits(weight) and bias_fits:
             self.panels = PanelLinear.panels(weight)
         elif can_pack(weight):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
-        if fp32:
-            self.fp32 = (weight.float(), None if self.bias is None else self.bias.detach().float())
+        if prefill:
+            self.prefill = PrefillWeight.of(weight, self.bias)
 
     def release(self) -> None:
-        self.panels = self.packed = self.fp32 = None
+        self.panels = self.packed = self.prefill = None
 
     @property
     def has_copies(self) -> bool:
@@ -238,10 +262,10 @@ class Projection:
 
 class PackedWeights:
     """The copies of the projections' weights made for speed, a cache of the parameters: in
-    column panels or packed for oneDNN (decode batches), and for bf16 prefill widened to fp32
-    where that is faster (the `prefill` projections only, the LM head sees the sampling rows:
-    twice the bf16 weights' bytes more). `pack()` makes them (again, after the parameters
-    changed); `release()` drops them (sleep), leaving F.linear."""
+    column panels or packed for oneDNN (decode batches), and for prefill in fp32 packed for oneDNN
+    (the `prefill` projections only, the LM head sees the sampling rows): fp32 weights' bytes once
+    more, or twice bf16 weights' bytes where widening them is faster. `pack()` makes them (again,
+    after the parameters changed); `release()` drops them (sleep), leaving F.linear."""
 
     def __init__(self, projections: list[Projection], prefill: list[Projection]) -> None:
         self.projections = [p for p in projections if p.weight.device.type == "cpu" and p.weight.dtype in KERNEL_DTYPES]
@@ -249,8 +273,8 @@ class PackedWeights:
 
     def pack(self) -> None:
         for projection in self.projections:
-            widen = id(projection) in self.prefill and projection.weight.dtype == torch.bfloat16
-            projection.pack(fp32=widen and fp32_gemm_is_faster())
+            widen = projection.weight.dtype == torch.float32 or fp32_gemm_is_faster()
+            projection.pack(prefill=id(projection) in self.prefill and widen)
 
     def release(self) -> None:
         for projection in self.projections:

@@ -13,8 +13,8 @@ from tests.worker.worker_testutil import Req, ToyCore, make_runner, prompt, refe
 MAX_NEW = 6
 
 
-def check_greedy(folder: str, reqs: list[Req], native: bool = True, device: str = "cpu") -> None:
-    done = ToyCore(make_runner(folder, native=native, device=device)).run(reqs)
+def check_greedy(folder: str, reqs: list[Req], native: bool = True, device: str = "cpu", runner=None) -> None:
+    done = ToyCore(runner or make_runner(folder, native=native, device=device)).run(reqs)
     for r in reqs:
         assert done[r.id].output == reference_generate(folder, r.prompt, r.max_new), r.id
 
@@ -55,12 +55,21 @@ def test_bf16_greedy_equals_transformers_bf16_up_to_rounding_ties(llama_folder, 
     assert check_bf16_against_transformers(llama_folder, reqs, native) >= 24
 
 
+def test_fp32_prefill_chunks_through_the_packed_gemm_match_generate(llama_folder):
+    """Chunks of FP32_GEMM_ROWS rows or more run the prefill copies (packed for oneDNN where it packs)."""
+    runner = make_runner(llama_folder)
+    layers = runner.native.layers
+    assert all(p.prefill is not None for layer in layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down))
+    reqs = [Req(f"r{i}", prompt(50 + i, n), MAX_NEW) for i, n in enumerate([llama.FP32_GEMM_ROWS, 150])]
+    check_greedy(llama_folder, reqs, runner=runner)
+
+
 def test_bf16_prefill_through_the_fp32_gemm_equals_transformers_bf16_up_to_rounding_ties(llama_folder, monkeypatch):
     """Chunks of FP32_GEMM_ROWS rows or more run the fp32 GEMM (forced here, whatever the CPU);
     decodes the bf16 weights."""
     monkeypatch.setattr(llama, "fp32_gemm_is_faster", lambda: True)
     runner = make_runner(llama_folder, dtype=torch.bfloat16)
-    assert all(p.fp32 is not None for layer in runner.native.layers for p in (layer.qkv, layer.gate_up))
+    assert all(p.prefill is not None for layer in runner.native.layers for p in (layer.qkv, layer.gate_up))
     reqs = [Req(f"r{i}", prompt(40 + i, n), 6) for i, n in enumerate([llama.FP32_GEMM_ROWS, 150])]
     assert check_bf16_against_transformers(llama_folder, reqs, runner=runner) >= 8
 
@@ -203,8 +212,10 @@ def test_projections_pack_for_onednn_on_cpu_and_fall_back_elsewhere(monkeypatch)
     assert torch.equal(projection(x), F.linear(x, weight))  # not packed yet: F.linear
     if llama.can_pack(weight):
         llama.PackedWeights([projection], prefill=[projection]).pack()
-        assert projection.packed is not None
+        assert projection.packed is not None and projection.prefill.packed
         assert torch.allclose(projection(x), F.linear(x, weight), atol=1e-5)
+        rows = torch.randn(llama.FP32_GEMM_ROWS, 4)
+        assert torch.allclose(projection(rows), F.linear(rows, weight), atol=1e-5)
     assert not llama.can_pack(weight.half())
     llama._packing_works.cache_clear()
 
