@@ -46,6 +46,10 @@ from protocol.weights import KvMode, WorkerCommand, WorkerReply
 logger = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.5
+# An idle engine's first step waits for the rest of a burst of inputs (requests submitted together,
+# an RL rollout's batch): until none came for BURST_GAP_S, BURST_MAX_S at most.
+BURST_GAP_S = 0.005
+BURST_MAX_S = 0.05
 FRONTEND_CHECK_S = 0.5
 STEP_TIMEOUT_S = 600.0
 
@@ -80,7 +84,10 @@ class EngineLoop:
 
     def run(self) -> None:
         while self.running:
-            self.handle_inputs(block=not self._can_step())
+            idle = not self._can_step()
+            self.handle_inputs(block=idle)
+            if idle and self._can_step():
+                self.gather_burst()
             self.check_peers()
             self.weights.poll()
             started = time.perf_counter()
@@ -149,15 +156,31 @@ class EngineLoop:
         except queue.Empty:
             return
         while True:
-            self.handle(message)
-            # Outputs of requests this input finished go out before anything it answers later.
-            self.emit(self.scheduler.take_finished_outputs())
-            # An abort may have ended the last running request a pause(wait) waits for.
-            self.settle_pause()
+            self.apply(message)
             try:
                 message = self.inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def gather_burst(self) -> None:
+        """Inputs that arrive close behind the one that woke an idle engine join its first step.
+        The requests of one burst reach the core over a few ms (the frontend forwards them one by
+        one); a step started on the first of them held the others back for its whole length (the
+        benchmark's 32: a first step of 3 requests, 1.2 s, before the other 29's)."""
+        deadline = time.monotonic() + BURST_MAX_S
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                message = self.inbox.get(timeout=min(BURST_GAP_S, left))
+            except queue.Empty:
+                return
+            self.apply(message)
+
+    def apply(self, message: CoreInput | StepResult) -> None:
+        self.handle(message)
+        # Outputs of requests this input finished go out before anything it answers later.
+        self.emit(self.scheduler.take_finished_outputs())
+        # An abort may have ended the last running request a pause(wait) waits for.
+        self.settle_pause()
 
     def handle(self, message: CoreInput | StepResult) -> None:
         match message:

@@ -1,8 +1,11 @@
 """The engine loop's output order, in-process: no sockets, no workers, no step run."""
 
 import queue
+import threading
+import time
 
 from core.block_pool import BlockPool
+from core import loop as core_loop
 from core.loop import EngineLoop
 from core.scheduler import Scheduler, SchedulerLimits
 from protocol.codec import encode_args
@@ -70,3 +73,52 @@ def test_pause_abort_answers_after_the_final_outputs_when_no_step_runs():
     finals = output.sent[2][1].outputs
     assert [(o.request_id, o.finish_reason) for o in finals] == [("0-0", "abort"), ("0-1", "abort")]
     assert output.sent[3][1].call_id == 7 and output.sent[3][1].error is None
+
+
+def test_an_idle_loop_takes_a_burst_of_requests_into_one_step(monkeypatch):
+    """Requests a few ms apart reach an idle loop together; one after a longer quiet waits."""
+    monkeypatch.setattr(core_loop, "BURST_GAP_S", 0.1)
+    monkeypatch.setattr(core_loop, "BURST_MAX_S", 2.0)
+    inbox: queue.Queue = queue.Queue()
+    loop = make_loop(RecordingOutput(), inbox)
+    inbox.put(FrontendHello(0))
+
+    def submit() -> None:
+        for i in range(3):
+            inbox.put(add(i))
+            time.sleep(0.01)
+        time.sleep(0.5)
+        inbox.put(add(3))
+
+    feeder = threading.Thread(target=submit)
+    feeder.start()
+    try:
+        loop.handle_inputs(block=True)
+        loop.gather_burst()
+        assert [r.request_id for r in loop.scheduler.waiting] == ["0-0", "0-1", "0-2"]
+    finally:
+        feeder.join()
+
+
+def test_a_burst_is_gathered_for_burst_max_at_most(monkeypatch):
+    monkeypatch.setattr(core_loop, "BURST_GAP_S", 0.2)
+    monkeypatch.setattr(core_loop, "BURST_MAX_S", 0.3)
+    inbox: queue.Queue = queue.Queue()
+    loop = make_loop(RecordingOutput(), inbox)
+    stop = threading.Event()
+
+    def submit() -> None:
+        for i in range(100):
+            inbox.put(add(i))
+            if stop.wait(0.02):
+                return
+
+    feeder = threading.Thread(target=submit)
+    feeder.start()
+    try:
+        started = time.monotonic()
+        loop.gather_burst()
+        assert 0.3 <= time.monotonic() - started < 1.0
+    finally:
+        stop.set()
+        feeder.join()
