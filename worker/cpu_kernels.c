@@ -94,8 +94,21 @@ struct seq {
  * token). */
 #define FOR_EACH_TOKEN(s, t, slot)                                                                                \
     for (int64_t block_ = 0, t = 0; t < (s)->len; block_++)                                                     \
-        for (int64_t slot = (s)->blocks[block_] * (s)->block_size, end_ = slot + (s)->block_size; \
+        for (int64_t slot = (s)->blocks[block_] * (s)->block_size, end_ = slot + (s)->block_size,                \
+                     to_next_ = (block_ + 1) * (s)->block_size < (s)->len                                        \
+                                    ? ((s)->blocks[block_ + 1] - (s)->blocks[block_]) * (s)->block_size          \
+                                    : 0;                                                                         \
              slot < end_ && t < (s)->len; slot++, t++)
+
+/* Inside FOR_EACH_TOKEN: the slot at the same place in the sequence's next block, or -1 in its
+ * last block (blocks lie anywhere in the cache, so the hardware prefetcher stops at each; a
+ * sequence's blocks are distinct, so 0 marks the last). */
+#define SLOT_A_BLOCK_AHEAD(slot) (to_next_ == 0 ? -1 : (slot) + to_next_)
+
+/* Into L2: the `bytes` from `p`. */
+static inline void prefetch_bytes(const void *p, int64_t bytes) {
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch((const char *)p + b, 0, 2);
+}
 
 /* One vector of fp32 lanes: a zmm register on AVX-512 CPUs (32 of them), a ymm one on AVX2 + FMA
  * CPUs (16). The vector kernels below are written in these terms, their tiles sized by
@@ -156,6 +169,8 @@ static inline vfloat vload_bf16(const uint16_t *p) {
     static void NAME##_scores_##D(float *p, const float *q, const T *k_cache, const struct seq *s, float scale) { \
         FOR_EACH_TOKEN(s, t, slot) {                                                                             \
             const T *row = k_cache + slot * s->row;                                                              \
+            int64_t ahead = SLOT_A_BLOCK_AHEAD(slot);                                                         \
+            if (ahead >= 0) prefetch_bytes(k_cache + ahead * s->row, s->row * (int64_t)sizeof(T));               \
             for (int64_t g = 0; g < s->num_heads / s->group; g++) {                                              \
                 vfloat k[D / VEC_WIDTH];                                                                         \
                 _Pragma("GCC unroll 16") for (int i = 0; i < D / VEC_WIDTH; i++) k[i] =                          \
@@ -179,6 +194,8 @@ static inline vfloat vload_bf16(const uint16_t *p) {
             _Pragma("GCC unroll 16") for (int i = 0; i < D / VEC_WIDTH; i++) out[j][i] = vzero();                \
         FOR_EACH_TOKEN(s, t, slot) {                                                                             \
             const T *vh = column + slot * s->row;                                                                \
+            int64_t ahead = SLOT_A_BLOCK_AHEAD(slot);                                                         \
+            if (ahead >= 0) prefetch_bytes(column + ahead * s->row, D * (int64_t)sizeof(T));                     \
             vfloat v[D / VEC_WIDTH];                                                                             \
             _Pragma("GCC unroll 16") for (int i = 0; i < D / VEC_WIDTH; i++) v[i] = VEC(vh + VEC_WIDTH * i);     \
             _Pragma("GCC unroll 3") for (int j = 0; j < heads; j++) {                                            \
