@@ -156,7 +156,8 @@ def test_prompt_logprobs_across_chunks_equal_log_softmax_of_transformers_logits(
 def test_native_forward_reads_the_hf_parameters_after_an_in_place_update(llama_folder):
     """Q/K/V and gate/up are fused; the HF parameters are views of the fused tensors, so a weight
     update written into them (`param.copy_`) reaches both forwards alike, once the packed copies
-    are made again (as the worker does after each update)."""
+    are made again (as the worker does after each update): decodes through the panels, the last
+    prompt's prefill (FP32_GEMM_ROWS rows or more) through the prefill copies."""
     runner = make_runner(llama_folder)
     assert runner.native is not None
     layer = runner.model.model.layers[0]
@@ -164,15 +165,20 @@ def test_native_forward_reads_the_hf_parameters_after_an_in_place_update(llama_f
     views = [(layer.self_attn.v_proj.weight, fused.qkv.weight), (layer.mlp.up_proj.weight, fused.gate_up.weight)]
     for param, whole in views:
         assert param.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr()
+    reqs = [Req(f"r{i}", prompt(i, n), MAX_NEW) for i, n in enumerate([5, 12, llama.FP32_GEMM_ROWS + 3])]
+    before = ToyCore(runner).run(reqs)
+    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        layer.self_attn.q_proj.weight.copy_(torch.randn_like(layer.self_attn.q_proj.weight))
-        layer.mlp.gate_proj.weight.mul_(-3.0)
+        for layer in runner.model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for weight in (attn.v_proj.weight, attn.o_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight):
+                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.5)
     runner.native.packed.pack()
-    reqs = [Req(f"r{i}", prompt(i, n), MAX_NEW) for i, n in enumerate([5, 12])]
-    native = ToyCore(runner).run(reqs)
+    native = ToyCore(runner).run([Req(r.id, r.prompt, r.max_new) for r in reqs])
     runner.native = None
     hf = ToyCore(runner).run([Req(r.id, r.prompt, r.max_new) for r in reqs])
     assert [native[r.id].output for r in reqs] == [hf[r.id].output for r in reqs]
+    assert all(native[r.id].output != before[r.id].output for r in reqs)
 
 
 class InterruptedSteps:
