@@ -100,10 +100,14 @@ struct seq {
                                     : 0;                                                                         \
              slot < end_ && t < (s)->len; slot++, t++)
 
-/* Inside FOR_EACH_TOKEN: the slot at the same place in the sequence's next block, or -1 in its
- * last block (blocks lie anywhere in the cache, so the hardware prefetcher stops at each; a
- * sequence's blocks are distinct, so 0 marks the last). */
-#define SLOT_A_BLOCK_AHEAD(slot) (to_next_ == 0 ? -1 : (slot) + to_next_)
+/* Inside FOR_EACH_TOKEN: into L2, `bytes` from `at` (in the row of `slot`) moved to the slot at
+ * the same place in the sequence's next block; nothing in its last block. Blocks lie anywhere in
+ * the cache, so the hardware prefetcher stops at each (a sequence's blocks are distinct: 0 marks
+ * the last). */
+#define PREFETCH_A_BLOCK_AHEAD(at, s, bytes)                                                                     \
+    do {                                                                                                         \
+        if (to_next_ != 0) prefetch_bytes((at) + to_next_ * (s)->row, (bytes));                                  \
+    } while (0)
 
 /* Into L2: the `bytes` from `p`. */
 static inline void prefetch_bytes(const void *p, int64_t bytes) {
@@ -169,8 +173,7 @@ static inline vfloat vload_bf16(const uint16_t *p) {
     static void NAME##_scores_##D(float *p, const float *q, const T *k_cache, const struct seq *s, float scale) { \
         FOR_EACH_TOKEN(s, t, slot) {                                                                             \
             const T *row = k_cache + slot * s->row;                                                              \
-            int64_t ahead = SLOT_A_BLOCK_AHEAD(slot);                                                         \
-            if (ahead >= 0) prefetch_bytes(k_cache + ahead * s->row, s->row * (int64_t)sizeof(T));               \
+            PREFETCH_A_BLOCK_AHEAD(row, s, s->row * (int64_t)sizeof(T));                                         \
             for (int64_t g = 0; g < s->num_heads / s->group; g++) {                                              \
                 vfloat k[D / VEC_WIDTH];                                                                         \
                 _Pragma("GCC unroll 16") for (int i = 0; i < D / VEC_WIDTH; i++) k[i] =                          \
@@ -194,8 +197,7 @@ static inline vfloat vload_bf16(const uint16_t *p) {
             _Pragma("GCC unroll 16") for (int i = 0; i < D / VEC_WIDTH; i++) out[j][i] = vzero();                \
         FOR_EACH_TOKEN(s, t, slot) {                                                                             \
             const T *vh = column + slot * s->row;                                                                \
-            int64_t ahead = SLOT_A_BLOCK_AHEAD(slot);                                                         \
-            if (ahead >= 0) prefetch_bytes(column + ahead * s->row, D * (int64_t)sizeof(T));                     \
+            PREFETCH_A_BLOCK_AHEAD(vh, s, D * (int64_t)sizeof(T));                                               \
             vfloat v[D / VEC_WIDTH];                                                                             \
             _Pragma("GCC unroll 16") for (int i = 0; i < D / VEC_WIDTH; i++) v[i] = VEC(vh + VEC_WIDTH * i);     \
             _Pragma("GCC unroll 3") for (int j = 0; j < heads; j++) {                                            \
@@ -264,6 +266,7 @@ static inline vfloat vload_bf16(const uint16_t *p) {
                               float scale) {                                                                     \
         if (NAME##_vector_scores(p, q, k_cache, s, scale)) return;                                               \
         FOR_EACH_TOKEN(s, t, slot) {                                                                             \
+            PREFETCH_A_BLOCK_AHEAD(k_cache + slot * s->row, s, s->row * (int64_t)sizeof(T));                     \
             const float *row = WIDEN(wide, k_cache + slot * s->row, s->row);                                     \
             for (int64_t h = 0; h < s->num_heads; h++) {                                                         \
                 const float *qh = q + h * s->head_dim;                                                           \
@@ -279,6 +282,7 @@ static inline vfloat vload_bf16(const uint16_t *p) {
         if (NAME##_vector_values(acc, p, v_cache, s)) return;                                                    \
         for (int64_t i = 0; i < s->num_heads * s->head_dim; i++) acc[i] = 0.0f;                                  \
         FOR_EACH_TOKEN(s, t, slot) {                                                                             \
+            PREFETCH_A_BLOCK_AHEAD(v_cache + slot * s->row, s, s->row * (int64_t)sizeof(T));                     \
             const float *row = WIDEN(wide, v_cache + slot * s->row, s->row);                                     \
             for (int64_t h = 0; h < s->num_heads; h++) {                                                         \
                 float weight = p[h * s->len + t], *out = acc + h * s->head_dim;                                  \
