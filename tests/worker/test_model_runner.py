@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import transformers
 
 from protocol.messages import SamplingParams
-from worker import llama
+from worker import projections
 from tests.tiny_models import save_tiny_model, tiny_config
 from tests.worker.worker_testutil import Req, ToyCore, make_runner, prompt, reference_generate
 
@@ -60,17 +60,17 @@ def test_fp32_prefill_chunks_through_the_packed_gemm_match_generate(llama_folder
     runner = make_runner(llama_folder)
     layers = runner.native.layers
     assert all(p.prefill is not None for layer in layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down))
-    reqs = [Req(f"r{i}", prompt(50 + i, n), MAX_NEW) for i, n in enumerate([llama.FP32_GEMM_ROWS, 150])]
+    reqs = [Req(f"r{i}", prompt(50 + i, n), MAX_NEW) for i, n in enumerate([projections.FP32_GEMM_ROWS, 150])]
     check_greedy(llama_folder, reqs, runner=runner)
 
 
 def test_bf16_prefill_through_the_fp32_gemm_equals_transformers_bf16_up_to_rounding_ties(llama_folder, monkeypatch):
     """Chunks of FP32_GEMM_ROWS rows or more run the fp32 GEMM (forced here, whatever the CPU);
     decodes the bf16 weights."""
-    monkeypatch.setattr(llama, "fp32_gemm_is_faster", lambda: True)
+    monkeypatch.setattr(projections, "fp32_gemm_is_faster", lambda: True)
     runner = make_runner(llama_folder, dtype=torch.bfloat16)
     assert all(p.prefill is not None for layer in runner.native.layers for p in (layer.qkv, layer.gate_up))
-    reqs = [Req(f"r{i}", prompt(40 + i, n), 6) for i, n in enumerate([llama.FP32_GEMM_ROWS, 150])]
+    reqs = [Req(f"r{i}", prompt(40 + i, n), 6) for i, n in enumerate([projections.FP32_GEMM_ROWS, 150])]
     assert check_bf16_against_transformers(llama_folder, reqs, runner=runner) >= 8
 
 
@@ -165,7 +165,7 @@ def test_native_forward_reads_the_hf_parameters_after_an_in_place_update(llama_f
     views = [(layer.self_attn.v_proj.weight, fused.qkv.weight), (layer.mlp.up_proj.weight, fused.gate_up.weight)]
     for param, whole in views:
         assert param.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr()
-    reqs = [Req(f"r{i}", prompt(i, n), MAX_NEW) for i, n in enumerate([5, 12, llama.FP32_GEMM_ROWS + 3])]
+    reqs = [Req(f"r{i}", prompt(i, n), MAX_NEW) for i, n in enumerate([5, 12, projections.FP32_GEMM_ROWS + 3])]
     before = ToyCore(runner).run(reqs)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -214,22 +214,22 @@ def test_an_interrupted_step_computes_nothing_and_its_tokens_run_again(llama_fol
 def test_projections_pack_for_onednn_on_cpu_and_fall_back_elsewhere(monkeypatch):
     weight = torch.randn(8, 4)
     x = torch.randn(5, 4)
-    projection = llama.Projection(weight, None)
+    projection = projections.Projection(weight, None)
     assert torch.equal(projection(x), F.linear(x, weight))  # not packed yet: F.linear
-    if llama.can_pack(weight):
-        llama.PackedWeights([projection], prefill=[projection]).pack()
+    if projections.can_pack(weight):
+        projections.PackedWeights([projection], prefill=[projection]).pack()
         assert projection.packed is not None and projection.prefill.packed
         assert torch.allclose(projection(x), F.linear(x, weight), atol=1e-5)
-        rows = torch.randn(llama.FP32_GEMM_ROWS, 4)
+        rows = torch.randn(projections.FP32_GEMM_ROWS, 4)
         assert torch.allclose(projection(rows), F.linear(rows, weight), atol=1e-5)
-    assert not llama.can_pack(weight.half())
-    llama._packing_works.cache_clear()
+    assert not projections.can_pack(weight.half())
+    projections._packing_works.cache_clear()
 
     def broken(*args):
         raise RuntimeError("no such op")
 
-    monkeypatch.setattr(llama, "onednn_linear", broken)
+    monkeypatch.setattr(projections, "onednn_linear", broken)
     try:
-        assert not llama.can_pack(weight)
+        assert not projections.can_pack(weight)
     finally:
-        llama._packing_works.cache_clear()
+        projections._packing_works.cache_clear()
