@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from protocol.models import cache_root
 
@@ -169,28 +170,34 @@ PANEL_COLUMNS = 32
 @dataclass(frozen=True)
 class PanelLinear:
     """The loaded `panel_linear` C functions (AVX-512 or AVX2 + FMA CPUs), by dtype: linear layers of a few rows
-    (decode batches) over a weight laid out in column panels by `panels()`."""
+    (decode batches) over a weight laid out in column panels by `panels()`. With `bf16_pairs` (AVX512-BF16
+    CPUs) bf16 panels hold k in pairs, for the CPU's bf16 dot-product instruction."""
 
     fns: dict[torch.dtype, Callable[..., int]]
+    bf16_pairs: bool
 
     @staticmethod
     def fits(weight: torch.Tensor) -> bool:
         return fits_kernel(weight) and weight.dim() == 2 and weight.shape[0] % PANEL_COLUMNS == 0
 
-    @staticmethod
-    def panels(weight: torch.Tensor) -> torch.Tensor:
-        """`weight` `[n, k]` as `[n / 32, k, 32]`: each panel's 32 columns of one k side by side."""
+    def panels(self, weight: torch.Tensor) -> torch.Tensor:
+        """`weight` `[n, k]` as `[n / 32, k, 32]`: each panel's 32 columns of one k side by side; bf16
+        with `bf16_pairs` as `[n / 32, ceil(k / 2), 32, 2]`, each column's two k side by side (a
+        zero pads an odd k)."""
         n, k = weight.shape
-        return weight.detach().view(n // PANEL_COLUMNS, PANEL_COLUMNS, k).transpose(1, 2).contiguous()
+        if not self._in_pairs(weight.dtype):
+            return weight.detach().view(n // PANEL_COLUMNS, PANEL_COLUMNS, k).transpose(1, 2).contiguous()
+        padded = F.pad(weight.detach(), (0, k % 2))
+        return padded.view(n // PANEL_COLUMNS, PANEL_COLUMNS, -1, 2).transpose(1, 2).contiguous()
 
     def __call__(self, x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x `[rows, k]` times the weight of `panels` (transposed), plus `bias`: F.linear's result
         up to summation order (in fp32)."""
-        groups, k, _ = panels.shape
+        groups, k = len(panels), x.shape[-1]
         operands = (x, panels) if bias is None else (x, panels, bias)
-        if not fits_kernel(*operands) or x.dim() != 2 or x.shape[1] != k:
-            raise ValueError(f"panel_linear needs contiguous CPU x [rows, {k}] of the panels' dtype, "
-                             f"got {tuple(x.shape)} {x.dtype}")  # fmt: skip
+        if not fits_kernel(*operands) or x.dim() != 2 or panels.shape != self._panel_shape(groups, k, x.dtype):
+            raise ValueError(f"panel_linear needs contiguous CPU x [rows, k] of the panels' dtype and k, "
+                             f"got {tuple(x.shape)} {x.dtype} for panels {tuple(panels.shape)}")  # fmt: skip
         out = torch.empty(len(x), groups * PANEL_COLUMNS, dtype=x.dtype)
         if len(x) == 0:
             return out
@@ -200,6 +207,14 @@ class PanelLinear:
             raise MemoryError("panel_linear: no memory for its buffers")
         return out
 
+    def _in_pairs(self, dtype: torch.dtype) -> bool:
+        return self.bf16_pairs and dtype == torch.bfloat16
+
+    def _panel_shape(self, groups: int, k: int, dtype: torch.dtype) -> tuple[int, ...]:
+        if self._in_pairs(dtype):
+            return (groups, (k + 1) // 2, PANEL_COLUMNS, 2)
+        return (groups, k, PANEL_COLUMNS)
+
 
 @functools.cache
 def load_panel_linear() -> PanelLinear | None:
@@ -207,7 +222,9 @@ def load_panel_linear() -> PanelLinear | None:
     has neither AVX-512 nor AVX2 + FMA (the library then has no such symbol)."""
     if _library() is None or not hasattr(_library(), "panel_linear"):
         return None
-    return PanelLinear(_c_functions("panel_linear", _PANEL_LINEAR_ARGTYPES, ctypes.c_int))
+    in_pairs = _library().panel_bf16_pairs
+    in_pairs.argtypes, in_pairs.restype = [], ctypes.c_int
+    return PanelLinear(_c_functions("panel_linear", _PANEL_LINEAR_ARGTYPES, ctypes.c_int), bf16_pairs=in_pairs() == 1)
 
 
 # The head sizes `PrefillAttention` serves.

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from worker.cpu_kernels import KERNEL_DTYPES, PanelLinear, fits_kernel, load_panel_linear
+from worker.cpu_kernels import KERNEL_DTYPES, fits_kernel, load_panel_linear
 
 logger = logging.getLogger(__name__)
 
@@ -165,8 +165,9 @@ class Projection:
     def pack(self, prefill: bool) -> None:
         weight = self.weight.detach()
         bias_fits = self.bias is None or fits_kernel(weight, self.bias)
-        if load_panel_linear() is not None and PanelLinear.fits(weight) and bias_fits:
-            self.panels = PanelLinear.panels(weight)
+        panel_linear = load_panel_linear()
+        if panel_linear is not None and panel_linear.fits(weight) and bias_fits:
+            self.panels = panel_linear.panels(weight)
         elif can_pack(weight):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
         if prefill:
