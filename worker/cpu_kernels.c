@@ -493,7 +493,7 @@ static inline __attribute__((always_inline)) void panel_tile_bf16_pairs(const ui
     __m512 lo[TILE_ROWS], hi[TILE_ROWS];
     uint32_t pairs[TILE_ROWS];
     int64_t credit = 0, j = k0;
-    _Pragma("GCC unroll 12") for (int m = 0; m < rows; m++) lo[m] = hi[m] = _mm512_setzero_ps();
+    _Pragma("GCC unroll 12") for (int m = 0; m < rows; m++) lo[m] = hi[m] = vzero();
     for (; j + 1 < k1; j += 2) {
         for (credit += prefetch.lines; credit >= prefetch.steps; credit -= prefetch.steps) {
             _mm_prefetch(prefetch.next, _MM_HINT_T1);
@@ -508,8 +508,8 @@ static inline __attribute__((always_inline)) void panel_tile_bf16_pairs(const ui
     }
     _Pragma("GCC unroll 12") for (int m = 0; m < rows; m++) {
         float *row = sums + m * PANEL;
-        _mm512_storeu_ps(row, first ? lo[m] : _mm512_add_ps(_mm512_loadu_ps(row), lo[m]));
-        _mm512_storeu_ps(row + VEC_WIDTH, first ? hi[m] : _mm512_add_ps(_mm512_loadu_ps(row + VEC_WIDTH), hi[m]));
+        vstore(row, first ? lo[m] : vadd(vload(row), lo[m]));
+        vstore(row + VEC_WIDTH, first ? hi[m] : vadd(vload(row + VEC_WIDTH), hi[m]));
     }
 }
 #else
