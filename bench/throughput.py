@@ -13,9 +13,10 @@ random prompt token ids (ordinary vocabulary ids, 32-256 tokens), 32-128 new tok
 greedy, EOS ignored, so that each request generates exactly its own number of tokens. Each
 system runs the workload `--repeats` times after a short warm-up, its prefix cache reset before
 each repetition; the table shows the median repetition's figures and every repetition's tok/s.
-Both engines schedule at most `--max-num-batched-tokens` a step (default 8192, what vLLM's `LLM`
-takes on CPU when not told; `zeroserve serve` and vLLM's API server take 2048), so that their
-prefills interleave with decodes alike (ITL p99).
+Both engines schedule at most `--max-num-batched-tokens` a step (default 8192, so that either
+prefills the workload's prompts in one step; vLLM 0.32's `LLM` takes 4096 on CPU when not told,
+`zeroserve serve` and vLLM's API server 2048), so that their prefills interleave with decodes alike
+(ITL p99).
 
 * zeroserve: `python -m launch.cli serve --dtype D` with all its processes, driven through
   `AsyncClient`, every request submitted at once;
@@ -77,8 +78,8 @@ logger = logging.getLogger("bench")
 
 DTYPES = ("float32", "bfloat16")
 SHORT_DTYPES = {"float32": "fp32", "bfloat16": "bf16"}
-# What vLLM's `LLM` schedules per step on CPU by default (its API server: 2048, as `zeroserve serve`).
-VLLM_LLM_BATCHED_TOKENS = 8192
+# Tokens a step may schedule, both engines: the whole default workload's prompts fit in one step.
+BATCHED_TOKENS = 8192
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "0-1", "HF_HUB_OFFLINE": "1",
             "VLLM_LOGGING_LEVEL": "WARNING"}  # fmt: skip
 COLUMNS = ["system", "dtype", "out tok/s", "every repetition tok/s", "TTFT p50 ms", "ITL p50 ms", "ITL p99 ms",
@@ -312,8 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-hf-static", action="store_true")
     parser.add_argument("--profile", action="store_true",
                         help="also print where zeroserve's steps spend their time (core.profile's parts)")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=VLLM_LLM_BATCHED_TOKENS,
-                        help="tokens a step may schedule, both systems (default: vLLM's LLM default on CPU)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=BATCHED_TOKENS,
+                        help="tokens a step may schedule, both systems (default: the workload's prompts in one step)")
     parser.add_argument("--engine-arg", action="append", default=[],
                         help="extra `serve` option, repeatable: --engine-arg=--block-size=32")
     parser.add_argument("--engine-start-timeout", type=float, default=300.0, help="seconds")
