@@ -2,9 +2,9 @@
 
 A projection of a few rows (decode batches) runs the C kernel `PanelLinear` over its weight laid
 out once in column panels (AVX-512 or AVX2 CPUs), else oneDNN over the weight reordered into the
-layout it prefers; prefill chunks run oneDNN's fp32 GEMM over a packed fp32 copy (`PrefillWeight`;
-bf16 weights widened where that is faster). `PackedWeights` makes the copies again after every
-weight update and drops them while the weights sleep.
+layout it prefers; prefill chunks run oneDNN's GEMM over a copy packed for it (`PrefillWeight`: in
+the weight's dtype, or bf16 weights widened to fp32 where that is faster). `PackedWeights` makes the
+copies again after every weight update and drops them while the weights sleep.
 """
 
 import functools
@@ -23,11 +23,12 @@ logger = logging.getLogger(__name__)
 # The batch sizes oneDNN picks the packed layouts for: decode batches, prefill chunks.
 PACK_BATCH_HINT = 32
 PREFILL_PACK_HINT = 2048
-# From this many rows (prefill chunks) a projection runs a GEMM: fp32 through a copy of its weight
-# packed for oneDNN, a bf16 one too (widened) where that is faster (`fp32_gemm_is_faster`). Below
-# it (decode batches, which read every weight for a few rows) the panel kernel or oneDNN's packed
+# From this many rows (prefill chunks) a projection runs a GEMM through a copy of its weight packed
+# for oneDNN, a bf16 one widened to fp32 where that is faster (`fp32_gemm_is_faster`). Below it
+# (decode batches, which read every weight for a few rows) the panel kernel or oneDNN's packed
 # weights serve, bf16 reading half the bytes. At 127 rows the panel kernel and MKL took equal time
-# (fp32); from 600 to 4800 rows oneDNN's packed fp32 GEMM took 5-17% less time than MKL's (AVX2).
+# (fp32); from 600 to 4800 rows oneDNN's packed fp32 GEMM took 5-17% less time than MKL's (AVX2),
+# its packed bf16 GEMM 5-10% less than F.linear's bf16 on SmolLM2's shapes at 4803 rows (Zen 4).
 FP32_GEMM_ROWS = 128
 FP32_GEMM_MIN_SPEEDUP = 1.2
 
@@ -77,7 +78,7 @@ def fp32_gemm_is_faster() -> bool:
         bf16_s = _best_time(lambda: onednn_linear(x, packed, None))
     else:
         bf16_s = _best_time(lambda: F.linear(x, weight))
-    widened = PrefillWeight.of(weight, None)
+    widened = PrefillWeight.of(weight, None, widen=True)
     fp32_s = _best_time(lambda: widened(x))
     faster = bf16_s >= FP32_GEMM_MIN_SPEEDUP * fp32_s
     logger.info("bf16 GEMM %.2f ms, as fp32 %.2f ms: bf16 projections of %d rows or more run %s",
@@ -97,23 +98,28 @@ def _best_time(run: Callable[[], object], rounds: int = 5) -> float:
 
 @dataclass(frozen=True)
 class PrefillWeight:
-    """A projection's weight and bias in fp32 for prefill's GEMMs: packed for oneDNN where it
-    packs fp32, else plain for F.linear. Inputs are widened and results rounded to their dtype."""
+    """A projection's weight and bias for prefill's GEMMs, packed for oneDNN: in the weight's dtype,
+    or widened to fp32 (`widen`; then plain for F.linear where oneDNN packs no fp32). Inputs take the
+    copy's dtype and results are rounded back to theirs."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
     packed: bool
 
     @classmethod
-    def of(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> "PrefillWeight":
-        wide, wide_bias = weight.detach().float(), None if bias is None else bias.detach().float()
-        if can_pack(wide):
-            return cls(torch.ops.mkldnn._reorder_linear_weight(wide, PREFILL_PACK_HINT), wide_bias, packed=True)
-        return cls(wide.contiguous(), wide_bias, packed=False)
+    def of(cls, weight: torch.Tensor, bias: torch.Tensor | None, widen: bool) -> "PrefillWeight | None":
+        """None where no copy would help: the weight's own dtype, which oneDNN does not pack."""
+        dtype = torch.float32 if widen else weight.dtype
+        copy, copy_bias = weight.detach().to(dtype), None if bias is None else bias.detach().to(dtype)
+        if can_pack(copy):
+            return cls(torch.ops.mkldnn._reorder_linear_weight(copy, PREFILL_PACK_HINT), copy_bias, packed=True)
+        if dtype == weight.dtype:
+            return None
+        return cls(copy.contiguous(), copy_bias, packed=False)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        wide = x.float()
-        out = onednn_linear(wide, self.weight, self.bias) if self.packed else F.linear(wide, self.weight, self.bias)
+        inputs = x.to(self.weight.dtype)
+        out = onednn_linear(inputs, self.weight, self.bias) if self.packed else F.linear(inputs, self.weight, self.bias)
         return out.to(x.dtype)
 
 
@@ -162,7 +168,8 @@ class Projection:
             return onednn_linear(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
 
-    def pack(self, prefill: bool) -> None:
+    def pack(self, prefill: bool, widen: bool) -> None:
+        """The copies for decode batches, and with `prefill` for prefill chunks (`widen`: in fp32)."""
         weight = self.weight.detach()
         bias_fits = self.bias is None or fits_kernel(weight, self.bias)
         panel_linear = load_panel_linear()
@@ -171,7 +178,7 @@ class Projection:
         elif can_pack(weight):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
         if prefill:
-            self.prefill = PrefillWeight.of(weight, self.bias)
+            self.prefill = PrefillWeight.of(weight, self.bias, widen)
 
     def release(self) -> None:
         self.panels = self.packed = self.prefill = None
@@ -184,10 +191,10 @@ class Projection:
 
 class PackedWeights:
     """The copies of the projections' weights made for speed, a cache of the parameters: in
-    column panels or packed for oneDNN (decode batches), and for prefill in fp32 packed for oneDNN
-    (the `prefill` projections only, the LM head sees the sampling rows): fp32 weights' bytes once
-    more, or twice bf16 weights' bytes where widening them is faster. `pack()` makes them (again,
-    after the parameters changed); `release()` drops them (sleep), leaving F.linear."""
+    column panels or packed for oneDNN (decode batches), and for prefill packed for oneDNN (the
+    `prefill` projections only, the LM head sees the sampling rows): the weights' bytes once more,
+    or twice bf16 weights' bytes where widening them is faster. `pack()` makes them (again, after
+    the parameters changed); `release()` drops them (sleep), leaving F.linear."""
 
     def __init__(self, projections: list[Projection], prefill: list[Projection]) -> None:
         self.projections = [p for p in projections if p.weight.device.type == "cpu" and p.weight.dtype in KERNEL_DTYPES]
@@ -195,8 +202,8 @@ class PackedWeights:
 
     def pack(self) -> None:
         for projection in self.projections:
-            in_prefill = id(projection) in self.prefill
-            projection.pack(prefill=in_prefill and (projection.weight.dtype == torch.float32 or fp32_gemm_is_faster()))
+            widen = projection.weight.dtype != torch.float32 and fp32_gemm_is_faster()
+            projection.pack(prefill=id(projection) in self.prefill, widen=widen)
 
     def release(self) -> None:
         for projection in self.projections:

@@ -74,6 +74,24 @@ def test_bf16_prefill_through_the_fp32_gemm_equals_transformers_bf16_up_to_round
     assert check_bf16_against_transformers(llama_folder, reqs, runner=runner) >= 8
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])  # qwen2: q/k/v with a bias
+def test_bf16_prefill_through_the_packed_bf16_gemm_equals_transformers_bf16_up_to_rounding_ties(
+    kind, request, monkeypatch
+):
+    """Where widening is not faster, chunks of FP32_GEMM_ROWS rows or more run oneDNN's GEMM over
+    bf16 copies packed for it (F.linear where oneDNN packs no bf16)."""
+    monkeypatch.setattr(projections, "fp32_gemm_is_faster", lambda: False)
+    folder = request.getfixturevalue(f"{kind}_folder")
+    runner = make_runner(folder, dtype=torch.bfloat16)
+    copies = [p.prefill for layer in runner.native.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    if projections.can_pack(torch.zeros(1, dtype=torch.bfloat16)):
+        assert all(c is not None and c.packed and c.weight.dtype == torch.bfloat16 for c in copies)
+    else:
+        assert all(c is None for c in copies)
+    reqs = [Req(f"r{i}", prompt(40 + i, n), 6) for i, n in enumerate([projections.FP32_GEMM_ROWS, 150])]
+    assert check_bf16_against_transformers(folder, reqs, runner=runner) >= 8
+
+
 def check_bf16_against_transformers(folder: str, reqs: list[Req], native: bool = True, runner=None) -> int:
     """How many tokens agreed; where our token differs from transformers' own bf16 forward, the
     two were tied within bf16's rounding in transformers' logits (then the texts part, and the
