@@ -86,9 +86,12 @@ class PagedDecode:
 def fits_kernel(*tensors: torch.Tensor) -> bool:
     """The kernels read raw rows: CPU, contiguous, all fp32 or all bf16."""
     dtype = tensors[0].dtype
-    return dtype in KERNEL_DTYPES and all(
-        t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for t in tensors
-    )
+    if dtype not in KERNEL_DTYPES:
+        return False
+    for t in tensors:  # a loop, not all(...): a generator per call showed in decode steps' profile
+        if t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous():
+            return False
+    return True
 
 
 def _check_inputs(q, k_cache, v_cache, block_tables, context_lens, out) -> None:
@@ -100,7 +103,7 @@ def _check_inputs(q, k_cache, v_cache, block_tables, context_lens, out) -> None:
     if q.shape[1] % k_cache.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads do not divide into {k_cache.shape[1]} KV heads")
     for name, t in (("block_tables", block_tables), ("context_lens", context_lens)):
-        if t.device.type != "cpu" or t.dtype != torch.int64 or not t.is_contiguous() or len(t) != len(q):
+        if t.device.type != "cpu" or t.dtype != torch.int64 or not t.is_contiguous() or t.shape[0] != q.shape[0]:
             raise ValueError(f"{name} must be a contiguous int64 CPU tensor with one row per query")
 
 
@@ -193,16 +196,17 @@ class PanelLinear:
     def __call__(self, x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x `[rows, k]` times the weight of `panels` (transposed), plus `bias`: F.linear's result
         up to summation order (in fp32)."""
-        groups, k = len(panels), x.shape[-1]
+        groups, k = panels.shape[0], x.shape[-1]
         operands = (x, panels) if bias is None else (x, panels, bias)
         if not fits_kernel(*operands) or x.dim() != 2 or panels.shape != self._panel_shape(groups, k, x.dtype):
             raise ValueError(f"panel_linear needs contiguous CPU x [rows, k] of the panels' dtype and k, "
                              f"got {tuple(x.shape)} {x.dtype} for panels {tuple(panels.shape)}")  # fmt: skip
-        out = torch.empty(len(x), groups * PANEL_COLUMNS, dtype=x.dtype)
-        if len(x) == 0:
+        rows = x.shape[0]
+        out = torch.empty(rows, groups * PANEL_COLUMNS, dtype=x.dtype)
+        if rows == 0:
             return out
         status = self.fns[x.dtype](x.data_ptr(), panels.data_ptr(), None if bias is None else bias.data_ptr(),
-                                   out.data_ptr(), len(x), out.shape[1], k, torch.get_num_threads())  # fmt: skip
+                                   out.data_ptr(), rows, out.shape[1], k, torch.get_num_threads())  # fmt: skip
         if status != 0:
             raise MemoryError("panel_linear: no memory for its buffers")
         return out

@@ -131,17 +131,17 @@ class DecoderLayer:
 
     def _attention(self, x: torch.Tensor, rotary: Rotary, meta: AttentionMetadata, timer: StepTimer) -> torch.Tensor:
         with timer.part(PROJECTIONS):
-            qkv = self.qkv(x).view(len(x), self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-        q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
+            qkv = self.qkv(x).view(x.shape[0], self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        q, k, v = qkv.split_with_sizes([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
         if self.q_norm is not None:
             q, k = rotary.rotated(self.q_norm(q)), rotary.rotated(self.k_norm(k))
         else:  # q and k in one pass, in place where the kernel serves
             qk = rotary.rotated(qkv[:, : self.num_heads + self.num_kv_heads])
-            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            q, k = qk.split_with_sizes([self.num_heads, self.num_kv_heads], dim=1)
         with timer.part(ATTENTION):
             out = attend(self.layer_idx, q, k, v, meta, self.scaling)
         with timer.part(PROJECTIONS):
-            return self.o(out.view(len(x), -1))
+            return self.o(out.view(x.shape[0], -1))
 
     def _mlp(self, x: torch.Tensor, timer: StepTimer) -> torch.Tensor:
         with timer.part(PROJECTIONS):

@@ -159,7 +159,7 @@ class Projection:
         return cls(weight, bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if len(x) >= FP32_GEMM_ROWS:
+        if x.shape[0] >= FP32_GEMM_ROWS:
             if self.prefill is not None:
                 return self.prefill(x)
         elif self.panels is not None and x.is_contiguous():
