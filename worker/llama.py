@@ -8,7 +8,7 @@ RMSNorm after it, RoPE on q and k in place, SiLU(gate) * up; elsewhere torch's o
 activation in place on the gate/up output. The final norm and the LM head only see the rows that
 sample. On CPU a projection of a few rows (decode batches) runs the C kernel `PanelLinear` over
 its weight laid out once in column panels (AVX-512 or AVX2 CPUs), else oneDNN over the weight
-reordered into the layout it prefers; prefill chunks run oneDNN's fp32 GEMM over a packed copy
+reordered into the layout it prefers; prefill chunks run oneDNN's GEMM over a packed copy
 (`worker.projections`). The copies are made again after every weight update and dropped while
 the weights sleep.
 
